@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The CPU wheel these machines hold; any looser spec may pull a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+EXAMPLE := build/example/model.safetensors
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+$(EXAMPLE): scripts/make_example.py $(VENV)/.installed
+	$(PY) scripts/make_example.py $(EXAMPLE)
+
+demo: install $(EXAMPLE)
+	$(VENV)/bin/factorize plan $(EXAMPLE)
+	$(VENV)/bin/factorize apply $(EXAMPLE) build/example/factorized.safetensors --force
+	@echo "report: build/example/factorized.factorize.json"
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf build .pytest_cache

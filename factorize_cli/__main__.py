@@ -1,0 +1,3 @@
+from factorize_cli.cli import main
+
+main()

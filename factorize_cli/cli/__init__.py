@@ -1,0 +1,79 @@
+"""The thin Typer CLI. Nothing here imports torch at module level: ``--help`` stays fast."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from factorize_cli import __version__
+
+app = typer.Typer(
+    name="factorize",
+    help="Shrink PyTorch checkpoints by low-rank (truncated SVD) factorization of Linear and Conv2d weights.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"factorize {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors."),
+) -> None:
+    """Exit codes: 0 done, 1 a gate failed, 2 usage error or unreadable input."""
+
+
+from factorize_cli.cli import apply as _apply_cmd  # noqa: E402,F401  (registers the command)
+from factorize_cli.cli import plan as _plan_cmd  # noqa: E402,F401
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the app and maps every error to one line and an exit code, here and only here."""
+    from factorize_cli.errors import FactorizeError
+
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        code = app(args=args, prog_name="factorize", standalone_mode=False)
+    except typer.Exit as e:
+        code = e.exit_code
+    except typer.Abort:
+        _fail("aborted", 130)
+    except FactorizeError as e:
+        if debug:
+            raise
+        _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except MemoryError:
+        _fail("out of memory", 2)
+    except OSError as e:
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        _fail(f"{where}{e.strerror or e}", 2)
+    except Exception as e:
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # Typer/Click usage errors
+            if type(e).__name__ == "NoArgsIsHelpError":
+                ctx = getattr(e, "ctx", None)
+                print(ctx.get_help() if ctx else "Try 'factorize --help'.", file=sys.stderr)
+                sys.exit(2)
+            hint = f" (see 'factorize {e.ctx.info_name if getattr(e, 'ctx', None) else ''} --help')"
+            _fail(e.format_message() + hint.replace("factorize factorize", "factorize"), e.exit_code)
+        if debug:
+            raise
+        _fail(f"internal error: {type(e).__name__}: {e}; rerun with --debug for the traceback", 3)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"factorize: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(code)

@@ -1,0 +1,41 @@
+"""One error hierarchy; the CLI maps it to exit codes in one place (``cli.main``).
+
+Every message is a single line that names the file or tensor at fault and, where
+there is one, the next step for the user.
+"""
+
+from __future__ import annotations
+
+
+class FactorizeError(Exception):
+    """Base class of every error the tool reports to a user."""
+
+    exit_code = 2
+
+
+class UsageError(FactorizeError):
+    """Options that contradict each other or cannot be parsed."""
+
+
+class InputError(FactorizeError):
+    """An input checkpoint that is missing, unreadable or not understood."""
+
+
+class UnsafePickleError(InputError):
+    """A pickle that ``weights_only=True`` refuses to load."""
+
+
+class OutputError(FactorizeError):
+    """An output path that cannot be written (exists, is the input, ...)."""
+
+
+class GateError(FactorizeError):
+    """A requested quality or size gate failed; the report is still written."""
+
+    exit_code = 1
+
+
+def describe(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, for embedding in a one-line error."""
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:limit]

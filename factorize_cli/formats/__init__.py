@@ -1,0 +1,174 @@
+"""Formats at the edges: bytes on disk <-> one :class:`Checkpoint` view.
+
+Input formats are recognised by content, not by name; the output format follows the
+output path (``.safetensors``, a directory for sharded safetensors, or a ``torch.save``
+file that keeps the input's container).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import struct
+import zipfile
+from collections.abc import Iterable, Iterator, Sequence
+from enum import Enum
+from pathlib import Path
+
+from factorize_cli.errors import InputError, OutputError, UsageError
+from factorize_cli.formats.base import Checkpoint, TensorInfo
+
+__all__ = ["Checkpoint", "TensorInfo", "OutputKind", "open_checkpoint", "output_kind", "write_checkpoint",
+           "check_output_path"]
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+
+class OutputKind(str, Enum):
+    SAFETENSORS = "safetensors"
+    SHARDED = "safetensors-sharded"
+    TORCH = "torch"
+
+
+def sniff(path: Path) -> str:
+    """Which reader a file needs: 'torch-zip', 'torch-legacy', 'safetensors'."""
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(f"{path}: file is empty")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise InputError(f"{path}: damaged zip archive ({e})") from e
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            raise InputError(f"{path}: is a TorchScript archive; TorchScript input is not supported yet")
+        if any(n.endswith("serialized_exported_program.json") or n.endswith("/archive_format") for n in names):
+            raise InputError(f"{path}: is a torch.export .pt2 archive; .pt2 input is not supported yet")
+        return "torch-zip"
+    if len(head) >= 9:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 2 <= header_len <= size - 8 and head[8:9] == b"{":
+            return "safetensors"
+    if head[:1] == b"\x80":  # a pickle protocol marker: the legacy torch.save format
+        return "torch-legacy"
+    raise InputError(f"{path}: not a checkpoint this tool reads "
+                     "(expected a torch.save file, a .safetensors file or a sharded safetensors directory)")
+
+
+def open_checkpoint(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> Checkpoint:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory")
+    if path.is_dir():
+        from factorize_cli.formats.safetensors import open_sharded
+        return open_sharded(path)
+    try:
+        kind = sniff(path)
+    except PermissionError as e:
+        raise InputError(f"{path}: permission denied") from e
+    if kind == "safetensors":
+        from factorize_cli.formats.safetensors import open_safetensors_file
+        return open_safetensors_file(path)
+    from factorize_cli.formats.torchfile import open_torch_file
+    return open_torch_file(path, unsafe_pickle=unsafe_pickle)
+
+
+def output_kind(path: Path) -> OutputKind:
+    if path.suffix == ".safetensors":
+        return OutputKind.SAFETENSORS
+    if path.suffix in TORCH_SUFFIXES:
+        return OutputKind.TORCH
+    if path.is_dir() or path.suffix == "":
+        return OutputKind.SHARDED
+    raise UsageError(f"{path}: cannot tell the output format from the name; use .safetensors, "
+                     f"{'/'.join(TORCH_SUFFIXES)}, or a directory for sharded safetensors")
+
+
+def check_output_path(output: Path, inputs: Iterable[Path], *, force: bool) -> None:
+    """Refuse to write over an input (even with --force) or over an existing file without --force."""
+    target = output.resolve()
+    for source in inputs:
+        src = source.resolve()
+        if target == src or src in target.parents or (src.is_dir() and target.parent == src):
+            raise OutputError(f"{output}: would overwrite or write inside the input {source}; "
+                              "choose another output path")
+    if output.exists() and not force:
+        raise OutputError(f"{output}: already exists; pass --force to replace it")
+    if not output.parent.exists():
+        raise OutputError(f"{output.parent}: output folder does not exist")
+
+
+def write_checkpoint(checkpoint: Checkpoint, layout: Sequence, tensors: Iterator, dest: Path,
+                     *, metadata: dict[str, str], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """Write ``tensors`` (in ``layout`` order) to ``dest`` atomically; return the files written."""
+    from factorize_cli.atomic import atomic_path
+
+    kind = output_kind(dest)
+    if kind is OutputKind.TORCH:
+        import torch  # noqa: F401  (torch files need it; kept local for the --help path)
+
+        from factorize_cli.formats.torchfile import build_container, save_torch
+        state = {entry.key: tensor for entry, tensor in zip(layout, tensors, strict=True)}
+        if checkpoint.passthrough:
+            state.update(checkpoint.passthrough)
+        with atomic_path(dest) as tmp:
+            save_torch(build_container(checkpoint, state), tmp)
+        return [str(dest)]
+
+    from factorize_cli.formats.safetensors import write_safetensors
+    _check_safetensors_compatible(checkpoint)
+    if kind is OutputKind.SAFETENSORS:
+        with atomic_path(dest) as tmp:
+            write_safetensors(tmp, layout, tensors, {**checkpoint.metadata, **metadata})
+        return [str(dest)]
+
+    shards = assign_shards(checkpoint, layout, max_shard_bytes)
+    index_name = _index_name(checkpoint)
+    with atomic_path(dest, directory=True) as tmp:
+        weight_map = {}
+        for name, entries in shards.items():
+            write_safetensors(tmp / name, entries, itertools.islice(tensors, len(entries)),
+                              {**checkpoint.metadata, **metadata})
+            weight_map.update({e.key: name for e in entries})
+        index = {"metadata": {"total_size": sum(e.nbytes for e in layout), **metadata},
+                 "weight_map": weight_map}
+        (tmp / index_name).write_text(json.dumps(index, indent=2) + "\n")
+    return [str(dest / name) for name in shards] + [str(dest / index_name)]
+
+
+def assign_shards(checkpoint: Checkpoint, layout: Sequence, max_shard_bytes: int) -> dict[str, list]:
+    """Keep the input's shard of each tensor; otherwise fill shards greedily up to ``max_shard_bytes``."""
+    if checkpoint.shard_of:
+        shards: dict[str, list] = {}
+        for entry in layout:
+            shards.setdefault(checkpoint.shard_of[entry.source], []).append(entry)
+        return dict(sorted(shards.items()))
+    groups: list[list] = [[]]
+    size = 0
+    for entry in layout:
+        if groups[-1] and size + entry.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += entry.nbytes
+    n = len(groups)
+    return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups)}
+
+
+def _index_name(checkpoint: Checkpoint) -> str:
+    if checkpoint.format == "safetensors-sharded":
+        from factorize_cli.formats.safetensors import find_index
+        return find_index(Path(checkpoint.path)).name
+    return "model.safetensors.index.json"
+
+
+def _check_safetensors_compatible(checkpoint: Checkpoint) -> None:
+    if checkpoint.passthrough:
+        key = next(iter(checkpoint.passthrough))
+        raise UsageError(f"{checkpoint.path}: entry {key!r} is not a tensor and cannot be stored in "
+                         "safetensors; write a .pt output instead")

@@ -1,0 +1,130 @@
+"""Python API for live models: Composer-compatible factorized modules and a converter.
+
+    ranks = read_rank_map("out.safetensors")          # or the JSON report
+    convert_to_factorized(model, ranks)                # swap nn.Linear/nn.Conv2d for pairs
+    model.load_state_dict(load_file("out.safetensors"), strict=True)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from factorize_cli.errors import InputError
+from factorize_cli.geometry import Geometry, LayerKind
+
+
+class FactorizedLinear(nn.Module):
+    """``Linear(in, out)`` as ``Linear(in, r, bias=False)`` then ``Linear(r, out, bias)``."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.module0 = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.module1 = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module1(self.module0(x))
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, rank: int, *, from_weights: bool = True) -> FactorizedLinear:
+        new = cls(layer.in_features, layer.out_features, rank, bias=layer.bias is not None,
+                  device=layer.weight.device, dtype=layer.weight.dtype)
+        if from_weights:
+            _load_factors(new, layer, Geometry.from_weight_shape(LayerKind.LINEAR, tuple(layer.weight.shape),
+                                                                 layer.bias is not None))
+        return new
+
+
+class FactorizedConv2d(nn.Module):
+    """``Conv2d(c, d, k)`` as a ``k x k`` conv ``c -> r`` (no bias) then a ``1 x 1`` conv ``r -> d`` (bias)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int, stride=1, padding=0,
+                 dilation=1, padding_mode: str = "zeros", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
+        self.module0 = nn.Conv2d(in_channels, rank, kernel_size, stride=stride, padding=padding,
+                                 dilation=dilation, bias=False, padding_mode=padding_mode,
+                                 device=device, dtype=dtype)
+        self.module1 = nn.Conv2d(rank, out_channels, 1, bias=True, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module1(self.module0(x))
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, rank: int, *, from_weights: bool = True) -> FactorizedConv2d:
+        if conv.groups != 1:
+            raise ValueError(f"cannot factorize a grouped convolution (groups={conv.groups})")
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, rank, stride=conv.stride,
+                  padding=conv.padding, dilation=conv.dilation, padding_mode=conv.padding_mode,
+                  device=conv.weight.device, dtype=conv.weight.dtype)
+        if from_weights:
+            _load_factors(new, conv, Geometry.from_weight_shape(LayerKind.CONV2D, tuple(conv.weight.shape),
+                                                                conv.bias is not None))
+        return new
+
+
+def _load_factors(new: nn.Module, old: nn.Module, geometry: Geometry) -> None:
+    from factorize_cli.factorization import low_rank_factors
+
+    factors = low_rank_factors(old.weight.detach().cpu(), geometry, new.rank)
+    with torch.no_grad():
+        new.module0.weight.copy_(factors.first)
+        new.module1.weight.copy_(factors.second)
+        if new.module1.bias is not None:
+            if old.bias is not None:
+                new.module1.bias.copy_(old.bias)
+            else:
+                new.module1.bias.zero_()
+
+
+def convert_to_factorized(model: nn.Module, ranks: Mapping[str, int], *, from_weights: bool = False) -> nn.Module:
+    """Replace each named ``nn.Linear``/``nn.Conv2d`` by its factorized pair at the given rank, in place.
+
+    Dtype, device, stride, padding, dilation and padding_mode are kept. With ``from_weights`` the
+    pair starts from the truncated SVD of the current weight; otherwise load a checkpoint into it.
+    """
+    for name, rank in ranks.items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise KeyError(f"model has no submodule {name!r}") from None
+        if type(layer) is nn.Linear:
+            new = FactorizedLinear.from_linear(layer, rank, from_weights=from_weights)
+        elif type(layer) is nn.Conv2d:
+            new = FactorizedConv2d.from_conv(layer, rank, from_weights=from_weights)
+        else:
+            raise TypeError(f"{name} is a {type(layer).__name__}, not an nn.Linear or nn.Conv2d")
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return model
+
+
+def read_rank_map(path: str | Path) -> dict[str, int]:
+    """The ``{layer: rank}`` map of a factorized output (safetensors metadata or sharded index) or a report."""
+    from factorize_cli.pipeline import RANKS_METADATA_KEY
+
+    path = Path(path)
+    if path.is_dir():
+        from factorize_cli.formats.safetensors import find_index
+        meta = json.loads(find_index(path).read_text()).get("metadata", {})
+        raw = meta.get(RANKS_METADATA_KEY)
+    elif path.suffix == ".json":
+        report = json.loads(path.read_text())
+        return {e["name"]: e["rank"] for e in report["layers"] if e["action"] == "factorize"}
+    else:
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get(RANKS_METADATA_KEY)
+        except Exception as e:
+            raise InputError(f"{path}: no rank map: not a safetensors file; pass the JSON report instead") from e
+    if raw is None:
+        raise InputError(f"{path}: carries no {RANKS_METADATA_KEY} metadata; pass the JSON report instead")
+    return {str(k): int(v) for k, v in json.loads(raw).items()}

@@ -1,0 +1,196 @@
+"""The one pipeline every format goes through: open -> select -> plan -> execute -> write -> report."""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from factorize_cli.atomic import write_text_atomic
+from factorize_cli.config import FactorizeConfig
+from factorize_cli.errors import InputError, OutputError
+from factorize_cli.factorization import (Factors, low_rank_factors, reconstruct, relative_error,
+                                         singular_values, spectrum_stats)
+from factorize_cli.formats import OutputKind, check_output_path, open_checkpoint, output_kind, write_checkpoint
+from factorize_cli.formats.base import Checkpoint
+from factorize_cli.formats.torchfile import checkpoint_from_mapping
+from factorize_cli.planning import Inspector, LayerPlan, Plan, build_plan
+from factorize_cli.report import LayerResult, build_report, dumps
+from factorize_cli.rewrite import Placed, Role, output_layout
+from factorize_cli.selection import SkipReason, candidates_from_keys
+
+RANKS_METADATA_KEY = "factorize.ranks"
+
+
+class Progress(Protocol):
+    def start(self, description: str, total: int) -> None: ...
+    def advance(self, label: str) -> None: ...
+    def stop(self) -> None: ...
+
+
+class _Silent:
+    def start(self, description: str, total: int) -> None:
+        pass
+
+    def advance(self, label: str) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def default_report_path(output: Path) -> Path:
+    stem = output.stem if output.suffix else output.name
+    return output.parent / f"{stem}.factorize.json"
+
+
+def _inspector(checkpoint: Checkpoint, *, spectra: bool, progress: Progress) -> Inspector:
+    """Look at each layer still to factorize: refuse non-finite weights, read spectra if asked."""
+
+    def inspect(layer: LayerPlan) -> LayerPlan:
+        weight = checkpoint.get(layer.candidate.weight.key)
+        try:
+            if not bool(torch.isfinite(weight).all()):
+                return layer.skipped(SkipReason.NON_FINITE, "weight holds NaN or Inf values")
+            if not spectra:
+                return layer
+            stats = spectrum_stats(singular_values(weight, layer.geometry), layer.rank)
+            return replace(layer, predicted_error=stats.relative_error, energy_kept=stats.energy_kept,
+                           norm=stats.norm)
+        finally:
+            progress.advance(layer.name)
+
+    return inspect
+
+
+def make_plan(checkpoint: Checkpoint, config: FactorizeConfig, *, spectra: bool,
+              progress: Progress | None = None) -> Plan:
+    progress = progress or _Silent()
+    candidates = list(candidates_from_keys(checkpoint))
+    progress.start("spectra" if spectra else "checking weights", len(candidates))
+    try:
+        return build_plan(candidates, config, source=checkpoint.path, fmt=checkpoint.format,
+                          inspect=_inspector(checkpoint, spectra=spectra, progress=progress))
+    finally:
+        progress.stop()
+
+
+def execute(checkpoint: Checkpoint, layout: list[Placed], config: FactorizeConfig,
+            results: dict[str, LayerResult], progress: Progress) -> Iterator[torch.Tensor]:
+    """Yield the output tensors in layout order, factorizing each layer when its first factor is due."""
+    factors: Factors | None = None
+    for placed in layout:
+        layer = placed.layer
+        if placed.role is Role.COPY:
+            yield checkpoint.get(placed.entry.source)
+        elif placed.role is Role.FIRST:
+            assert layer is not None and layer.rank is not None
+            weight = checkpoint.get(layer.candidate.weight.key)
+            factors = low_rank_factors(weight, layer.geometry, layer.rank, engine=config.svd)
+            achieved = relative_error(weight, reconstruct(factors.first, factors.second, layer.geometry))
+            results[layer.name] = LayerResult(achieved, factors.stats.energy_kept, factors.stats.norm, config.svd)
+            del weight
+            progress.advance(layer.name)
+            yield factors.first
+        elif placed.role is Role.SECOND:
+            assert factors is not None
+            yield factors.second
+        else:  # Role.BIAS
+            assert layer is not None
+            bias = layer.candidate.bias
+            yield checkpoint.get(bias.key) if bias else torch.zeros(placed.entry.shape, dtype=getattr(
+                torch, placed.entry.dtype))
+            factors = None
+
+
+def rank_map(plan: Plan) -> dict[str, int]:
+    return {layer.name: layer.rank for layer in plan.to_factorize if layer.rank is not None}
+
+
+def _timing(started: datetime, t0: float) -> dict[str, Any]:
+    return {"started_at": started.isoformat(timespec="seconds"), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def plan_checkpoint(path: str | Path, config: FactorizeConfig, *, spectra: bool = True,
+                    unsafe_pickle: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Dry run: the report ``apply`` would produce, with errors predicted from spectra."""
+    started, t0 = datetime.now(timezone.utc), time.perf_counter()
+    with open_checkpoint(path, unsafe_pickle=unsafe_pickle) as checkpoint:
+        plan = make_plan(checkpoint, config, spectra=spectra, progress=progress)
+        output_layout(checkpoint, plan)  # the same validation apply does (key collisions)
+        return build_report(command="plan", checkpoint=checkpoint, plan=plan, results={}, output=None,
+                            notes=[], timing=_timing(started, t0))
+
+
+def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConfig, *, force: bool = False,
+                     report_path: str | Path | None = None, unsafe_pickle: bool = False,
+                     progress: Progress | None = None) -> dict[str, Any]:
+    """Factorize ``path`` into ``output`` and write the JSON report; returns the report."""
+    started, t0 = datetime.now(timezone.utc), time.perf_counter()
+    progress = progress or _Silent()
+    source, output = Path(path), Path(output)
+    report_path = Path(report_path) if report_path else default_report_path(output)
+    kind = output_kind(output)
+    check_output_path(output, [source], force=force)
+    if report_path.resolve() in (output.resolve(), source.resolve()):
+        raise OutputError(f"{report_path}: the report cannot go to the input or output path")
+    if report_path.exists() and not force:
+        raise OutputError(f"{report_path}: report already exists; pass --force to replace it")
+
+    with open_checkpoint(source, unsafe_pickle=unsafe_pickle) as checkpoint:
+        plan = make_plan(checkpoint, config, spectra=False, progress=progress)
+        layout = output_layout(checkpoint, plan)
+        notes = _format_notes(checkpoint, kind)
+        ranks = rank_map(plan)
+        metadata = {RANKS_METADATA_KEY: json.dumps(ranks, sort_keys=True)}
+        results: dict[str, LayerResult] = {}
+        progress.start("factorizing", len(plan.to_factorize))
+        try:
+            files = write_checkpoint(checkpoint, [p.entry for p in layout],
+                                     execute(checkpoint, layout, config, results, progress), output,
+                                     metadata=metadata)
+        finally:
+            progress.stop()
+        report = build_report(
+            command="apply", checkpoint=checkpoint, plan=plan, results=results,
+            output={"path": str(output), "format": kind.value, "files": files,
+                    "report": str(report_path), "tensors": len(layout)},
+            notes=notes, timing=_timing(started, t0))
+    write_text_atomic(report_path, dumps(report))
+    return report
+
+
+def _format_notes(checkpoint: Checkpoint, kind: OutputKind) -> list[str]:
+    notes = []
+    if checkpoint.container_path:
+        notes.append(f"state dict found under {'.'.join(checkpoint.container_path)!r}; other entries kept"
+                     if kind is OutputKind.TORCH else
+                     f"state dict found under {'.'.join(checkpoint.container_path)!r}; the other container "
+                     "entries are not written to safetensors")
+    return notes
+
+
+def factorize_state_dict(state_dict: Mapping[str, Any], config: FactorizeConfig | None = None
+                         ) -> tuple[collections.OrderedDict, dict[str, Any]]:
+    """In-memory API: factorize a state dict; returns the new state dict and the report."""
+    config = config or FactorizeConfig()
+    started, t0 = datetime.now(timezone.utc), time.perf_counter()
+    if not isinstance(state_dict, Mapping):
+        raise InputError(f"expected a state dict (a mapping of names to tensors), got {type(state_dict).__name__}")
+    checkpoint = checkpoint_from_mapping(state_dict)
+    plan = make_plan(checkpoint, config, spectra=False)
+    layout = output_layout(checkpoint, plan)
+    results: dict[str, LayerResult] = {}
+    tensors = execute(checkpoint, layout, config, results, _Silent())
+    out = collections.OrderedDict((p.entry.key, t) for p, t in zip(layout, tensors, strict=True))
+    out.update(checkpoint.passthrough or {})
+    report = build_report(command="apply", checkpoint=checkpoint, plan=plan, results=results, output=None,
+                          notes=[], timing=_timing(started, t0))
+    return out, report

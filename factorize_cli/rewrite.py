@@ -1,0 +1,68 @@
+"""State-dict key rewriting: where each output tensor goes and what it is made from.
+
+Keys follow Composer's ``FactorizedLinear``/``FactorizedConv2d``: ``<layer>.weight`` and
+``<layer>.bias`` become ``<layer>.module0.weight``, ``<layer>.module1.weight`` and
+``<layer>.module1.bias`` at the position of the original weight; every other key keeps
+its place. The layout is computed from the plan alone, before any data is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from factorize_cli.errors import InputError
+from factorize_cli.formats.base import Checkpoint
+from factorize_cli.formats.safetensors import OutputTensor
+from factorize_cli.planning import LayerPlan, Plan
+
+
+class Role(str, Enum):
+    COPY = "copy"
+    FIRST = "module0.weight"
+    SECOND = "module1.weight"
+    BIAS = "module1.bias"
+
+
+@dataclass(frozen=True)
+class Placed:
+    """One output tensor: its layout entry, its role, and the layer it belongs to (if any)."""
+
+    entry: OutputTensor
+    role: Role
+    layer: LayerPlan | None = None
+
+
+def factor_key(layer_name: str, role: Role) -> str:
+    return f"{layer_name}.{role.value}" if layer_name else role.value
+
+
+def output_layout(checkpoint: Checkpoint, plan: Plan) -> list[Placed]:
+    by_weight = {layer.candidate.weight.key: layer for layer in plan.to_factorize}
+    moved_bias = {layer.candidate.bias.key for layer in plan.to_factorize if layer.candidate.bias}
+    placed: list[Placed] = []
+    for info in checkpoint.infos:
+        if info.key in moved_bias:
+            continue
+        layer = by_weight.get(info.key)
+        if layer is None:
+            placed.append(Placed(OutputTensor(info.key, info.shape, info.dtype, info.key), Role.COPY))
+            continue
+        geo, rank = layer.geometry, layer.rank
+        assert rank is not None
+        first, second = geo.factor_shapes(rank)
+        placed.append(Placed(OutputTensor(factor_key(layer.name, Role.FIRST), first, info.dtype, info.key),
+                             Role.FIRST, layer))
+        placed.append(Placed(OutputTensor(factor_key(layer.name, Role.SECOND), second, info.dtype, info.key),
+                             Role.SECOND, layer))
+        if geo.factorized_has_bias():
+            bias = layer.candidate.bias
+            placed.append(Placed(OutputTensor(factor_key(layer.name, Role.BIAS), (geo.out_features,),
+                                              bias.dtype if bias else info.dtype, info.key), Role.BIAS, layer))
+    seen: set[str] = set()
+    for p in placed:
+        if p.entry.key in seen:
+            raise InputError(f"{checkpoint.path}: output key {p.entry.key} would be written twice "
+                             "(does the input already hold factorized layers of that name?)")
+        seen.add(p.entry.key)
+    return placed
