@@ -24,6 +24,8 @@ __all__ = ["Checkpoint", "TensorInfo", "OutputKind", "open_checkpoint", "output_
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+# The legacy (pre-zip) torch.save format opens with a pickled magic number (protocol 2, LONG1 of 10 bytes).
+LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 
 class OutputKind(str, Enum):
@@ -38,7 +40,7 @@ def sniff(path: Path) -> str:
     if size == 0:
         raise InputError(f"{path}: file is empty")
     with open(path, "rb") as f:
-        head = f.read(9)
+        head = f.read(len(LEGACY_MAGIC))
     if head.startswith(b"PK\x03\x04"):
         try:
             with zipfile.ZipFile(path) as z:
@@ -54,8 +56,10 @@ def sniff(path: Path) -> str:
         (header_len,) = struct.unpack("<Q", head[:8])
         if 2 <= header_len <= size - 8 and head[8:9] == b"{":
             return "safetensors"
-    if head[:1] == b"\x80":  # a pickle protocol marker: the legacy torch.save format
+    if head.startswith(LEGACY_MAGIC):
         return "torch-legacy"
+    if head[:1] == b"\x80":
+        raise InputError(f"{path}: a plain pickle, not a torch.save checkpoint")
     raise InputError(f"{path}: not a checkpoint this tool reads "
                      "(expected a torch.save file, a .safetensors file or a sharded safetensors directory)")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import pickle
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -105,24 +106,32 @@ def _shared_storage(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
 def open_torch_file(path: Path, *, unsafe_pickle: bool) -> Checkpoint:
     is_zip = zipfile.is_zipfile(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not unsafe_pickle, mmap=is_zip)
+        with warnings.catch_warnings():  # torch's loader warnings would break the one-line error contract
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=not unsafe_pickle, mmap=is_zip)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()
-        detail = next((line for line in reason if "Unsupported global" in line or "GLOBAL" in line),
-                      reason[0] if reason else "")
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        text = str(e)
+        if "weights_only" in text or "WeightsUnpickler" in text:
             raise UnsafePickleError(
-                f"{path}: refused by safe loading (weights_only=True): {detail.strip()[:160]}; "
+                f"{path}: refused by safe loading (weights_only=True): {_unpickler_reason(text)}; "
                 "if you trust this file, rerun with --unsafe-pickle (it executes code from the file)"
             ) from e
         raise InputError(f"{path}: not a readable torch.save file ({describe(e)})") from e
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError) as e:
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, TypeError,
+            AttributeError, ImportError, IndexError) as e:
         raise InputError(f"{path}: not a readable torch.save file ({describe(e)})") from e
     prefix, state_dict = locate_state_dict(obj, str(path))
     return checkpoint_from_mapping(
         state_dict, path=str(path), fmt="torch-zip" if is_zip else "torch-legacy",
         container=obj, container_path=prefix,
     )
+
+
+def _unpickler_reason(text: str) -> str:
+    """The useful sentence of torch's long weights_only message."""
+    _, found, rest = text.partition("WeightsUnpickler error:")
+    reason = rest.strip() if found else text.strip()
+    return reason.split("\n")[0].split(". ")[0].strip()[:160] or "unsupported content"
 
 
 def build_container(checkpoint: Checkpoint, new_state: dict[str, Any]) -> Any:

@@ -1,0 +1,104 @@
+"""Shared fixtures: toy checkpoints with known spectra, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from factorize_cli.cli import main
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def json(self) -> dict:
+        return json.loads(self.stdout)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``factorize ARGS`` in-process; returns exit code, stdout and stderr."""
+
+    def run(*args: object) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    return run
+
+
+def decaying_matrix(out: int, fan_in: int, alpha: float = 0.7, seed: int = 0,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A random matrix with singular values i^-alpha (a trained layer's typical decay)."""
+    gen = torch.Generator().manual_seed(seed)
+    k = min(out, fan_in)
+    u, _ = torch.linalg.qr(torch.randn(out, k, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(fan_in, k, generator=gen, dtype=torch.float64))
+    s = torch.arange(1, k + 1, dtype=torch.float64) ** -alpha
+    return ((u * s) @ v.T).to(dtype)
+
+
+def optimum_error(weight: torch.Tensor, rank: int) -> float:
+    """Eckart-Young: sqrt(sum of dropped sigma^2)/||W|| from a float64 reference SVD."""
+    m = weight.to(torch.float64).reshape(weight.shape[0], -1)
+    s = torch.linalg.svdvals(m)
+    return float(s[rank:].square().sum().sqrt() / s.square().sum().sqrt())
+
+
+def toy_state_dict(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Linears and a conv wide enough for small --min-* values; an embedding; int buffers."""
+    gen = torch.Generator().manual_seed(1)
+    return {
+        "embed.weight": torch.randn(1000, 32, generator=gen).to(dtype),
+        "position_ids": torch.arange(16, dtype=torch.int64)[None],
+        "conv.weight": decaying_matrix(48, 32 * 9, seed=2).reshape(48, 32, 3, 3).to(dtype),
+        "conv.bias": torch.randn(48, generator=gen).to(dtype),
+        "bn.num_batches_tracked": torch.tensor(7, dtype=torch.int64),
+        "fc1.weight": decaying_matrix(96, 64, seed=3).to(dtype),
+        "fc1.bias": torch.randn(96, generator=gen).to(dtype),
+        "fc2.weight": decaying_matrix(64, 96, seed=4).to(dtype),
+        "norm.weight": torch.ones(64, dtype=dtype),
+        "head.weight": decaying_matrix(8, 64, seed=5).to(dtype),
+    }
+
+
+SMALL = ["--min-features", "32", "--min-channels", "32"]
+
+
+@pytest.fixture
+def toy_pt(tmp_path: Path) -> Path:
+    path = tmp_path / "toy.pt"
+    torch.save(toy_state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def toy_safetensors(tmp_path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "toy.safetensors"
+    save_file(toy_state_dict(), str(path), metadata={"format": "pt"})
+    return path
+
+
+def leftovers(folder: Path, keep: set[str]) -> list[str]:
+    """Files in ``folder`` other than ``keep`` (temporaries included)."""
+    return sorted(p.name for p in folder.iterdir() if p.name not in keep)
+
+
+if sys.platform == "win32":  # pragma: no cover
+    pytest.skip("POSIX only", allow_module_level=True)
