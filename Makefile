@@ -21,9 +21,8 @@ $(EXAMPLE): scripts/make_example.py $(VENV)/.installed
 	$(PY) scripts/make_example.py $(EXAMPLE)
 
 demo: install $(EXAMPLE)
-	$(VENV)/bin/factorize plan $(EXAMPLE)
-	$(VENV)/bin/factorize apply $(EXAMPLE) build/example/factorized.safetensors --force
-	@echo "report: build/example/factorized.factorize.json"
+	$(VENV)/bin/factorize plan $(EXAMPLE) --min-channels 64
+	$(VENV)/bin/factorize apply $(EXAMPLE) build/example/factorized.safetensors --min-channels 64 --force
 
 test: install
 	$(PY) -m pytest -q

