@@ -28,7 +28,7 @@ def plan(
     unsafe_pickle: bool = False,
     spectra: Annotated[bool, typer.Option(
         "--spectra/--no-spectra", help="Compute singular values to predict each layer's error "
-                                       "(--no-spectra reads shapes only).")] = True,
+                                       "(--no-spectra skips them; weights are still scanned for NaN/Inf).")] = True,
     json_out: JsonOut = False,
     report: ReportPath = None,
     quiet: Quiet = False,
