@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 
 from factorize_cli.errors import UsageError
 
@@ -64,13 +65,120 @@ class SelectionConfig:
 
 @dataclass(frozen=True)
 class RatioPolicy:
-    """Composer's fixed latent size per layer kind."""
+    """``ratio``: Composer's fixed latent size per layer kind."""
 
     latent_features: Latent = field(default_factory=lambda: Latent(0.25))
     latent_channels: Latent = field(default_factory=lambda: Latent(0.25))
 
+    def describe(self) -> dict:
+        return {"name": "ratio", "latent_features": self.latent_features.value,
+                "latent_channels": self.latent_channels.value}
 
-RankPolicy = RatioPolicy  # later policies (energy, error, budgets) join this union
+
+@dataclass(frozen=True)
+class EnergyPolicy:
+    """``energy:T``: per layer, the smallest rank keeping at least fraction T of ||W||_F^2."""
+
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise UsageError(f"energy threshold must be in (0, 1], got {self.threshold!r}")
+
+    def describe(self) -> dict:
+        return {"name": "energy", "threshold": self.threshold}
+
+
+@dataclass(frozen=True)
+class ErrorPolicy:
+    """``error:E``: per layer, the smallest rank whose relative Frobenius error is at most E."""
+
+    max_error: float
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_error < 1:
+            raise UsageError(f"error bound must be in [0, 1), got {self.max_error!r}")
+
+    def describe(self) -> dict:
+        return {"name": "error", "max_error": self.max_error}
+
+
+class BudgetMetric(str, Enum):
+    PARAMS = "params"
+    MACS = "macs"
+
+
+@dataclass(frozen=True)
+class BudgetPolicy:
+    """``params:P`` / ``macs:P``: the factorized layers together keep fraction P of their cost;
+    ranks go where they remove the most squared error per unit cost."""
+
+    metric: BudgetMetric
+    fraction: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction < 1:
+            raise UsageError(f"{self.metric.value} budget must be a fraction in (0, 1), got {self.fraction!r}")
+
+    def describe(self) -> dict:
+        return {"name": self.metric.value, "fraction": self.fraction}
+
+
+RankPolicy = RatioPolicy | EnergyPolicy | ErrorPolicy | BudgetPolicy
+
+POLICY_HELP = "ratio | energy:T | error:E | params:P | macs:P"
+
+
+def parse_policy(text: str, ratio: RatioPolicy) -> RankPolicy:
+    """Parse ``--rank-policy``; ``ratio`` takes its sizes from the latent flags."""
+    name, sep, value = text.strip().partition(":")
+    if name == "ratio" and not sep:
+        return ratio
+    if name in ("energy", "error", "params", "macs") and sep:
+        try:
+            number = float(value)
+        except ValueError:
+            raise UsageError(f"--rank-policy {text!r}: {value!r} is not a number") from None
+        if name == "energy":
+            return EnergyPolicy(number)
+        if name == "error":
+            return ErrorPolicy(number)
+        return BudgetPolicy(BudgetMetric(name), number)
+    raise UsageError(f"--rank-policy {text!r} is not one of: {POLICY_HELP}")
+
+
+@dataclass(frozen=True)
+class RankPin:
+    """``--rank PATTERN=R``: a fixed rank for the layers whose name matches."""
+
+    pattern: str
+    rank: int
+
+    @classmethod
+    def parse(cls, text: str) -> RankPin:
+        pattern, sep, value = text.rpartition("=")
+        if not sep or not pattern or not value.strip().isdigit() or int(value) < 1:
+            raise UsageError(f"--rank {text!r} must look like PATTERN=R with a rank R >= 1")
+        return cls(pattern, int(value))
+
+
+@dataclass(frozen=True)
+class Gates:
+    """CI gates; ``None`` disables a gate."""
+
+    max_layer_error: float | None = None
+    max_total_error: float | None = None
+    min_param_reduction: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_layer_error", "max_total_error", "min_param_reduction"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be a fraction in [0, 1], got {value!r}")
+
+    @property
+    def need_errors(self) -> bool:
+        return self.max_layer_error is not None or self.max_total_error is not None
 
 
 SVD_ENGINES = ("exact",)
@@ -80,18 +188,26 @@ SVD_ENGINES = ("exact",)
 class FactorizeConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     policy: RankPolicy = field(default_factory=RatioPolicy)
+    pins: tuple[RankPin, ...] = ()
+    rank_multiple: int = 1
+    gates: Gates = field(default_factory=Gates)
     svd: str = "exact"
 
     def __post_init__(self) -> None:
         if self.svd not in SVD_ENGINES:
             raise UsageError(f"unknown SVD engine {self.svd!r}; choose one of {', '.join(SVD_ENGINES)}")
+        if self.rank_multiple < 1:
+            raise UsageError(f"--rank-multiple must be >= 1, got {self.rank_multiple}")
+
+    @property
+    def needs_spectra(self) -> bool:
+        return not isinstance(self.policy, RatioPolicy)
 
     def to_dict(self) -> dict:
         """The resolved settings, as written into the report."""
         out = asdict(self)
-        out["policy"] = {"name": "ratio",
-                         "latent_features": self.policy.latent_features.value,
-                         "latent_channels": self.policy.latent_channels.value}
+        out["policy"] = self.policy.describe()
+        out["pins"] = [{"pattern": p.pattern, "rank": p.rank} for p in self.pins]
         out["selection"]["include"] = list(self.selection.include)
         out["selection"]["exclude"] = list(self.selection.exclude)
         return out

@@ -34,6 +34,10 @@ class GateError(FactorizeError):
 
     exit_code = 1
 
+    def __init__(self, violations: list[str]) -> None:
+        super().__init__("; ".join(violations))
+        self.violations = list(violations)
+
 
 def describe(e: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message, for embedding in a one-line error."""

@@ -15,9 +15,8 @@ import torch
 
 from factorize_cli.atomic import write_text_atomic
 from factorize_cli.config import FactorizeConfig
-from factorize_cli.errors import InputError, OutputError
-from factorize_cli.factorization import (Factors, low_rank_factors, reconstruct, relative_error,
-                                         singular_values, spectrum_stats)
+from factorize_cli.errors import GateError, InputError, OutputError, UsageError
+from factorize_cli.factorization import Factors, low_rank_factors, reconstruct, relative_error, singular_values
 from factorize_cli.formats import OutputKind, check_output_path, open_checkpoint, output_kind, write_checkpoint
 from factorize_cli.formats.base import Checkpoint
 from factorize_cli.formats.torchfile import checkpoint_from_mapping
@@ -52,7 +51,7 @@ def default_report_path(output: Path) -> Path:
 
 
 def _inspector(checkpoint: Checkpoint, *, spectra: bool, progress: Progress) -> Inspector:
-    """Look at each layer still to factorize: refuse non-finite weights, read spectra if asked."""
+    """Look at each layer still in the running: refuse non-finite weights, read spectra if asked."""
 
     def inspect(layer: LayerPlan) -> LayerPlan:
         weight = checkpoint.get(layer.candidate.weight.key)
@@ -61,9 +60,7 @@ def _inspector(checkpoint: Checkpoint, *, spectra: bool, progress: Progress) -> 
                 return layer.skipped(SkipReason.NON_FINITE, "weight holds NaN or Inf values")
             if not spectra:
                 return layer
-            stats = spectrum_stats(singular_values(weight, layer.geometry), layer.rank)
-            return replace(layer, predicted_error=stats.relative_error, energy_kept=stats.energy_kept,
-                           norm=stats.norm)
+            return replace(layer, spectrum=singular_values(weight, layer.geometry))
         finally:
             progress.advance(layer.name)
 
@@ -72,7 +69,9 @@ def _inspector(checkpoint: Checkpoint, *, spectra: bool, progress: Progress) -> 
 
 def make_plan(checkpoint: Checkpoint, config: FactorizeConfig, *, spectra: bool,
               progress: Progress | None = None) -> Plan:
+    """Build the plan; spectra are read when asked for or when the rank policy needs them."""
     progress = progress or _Silent()
+    spectra = spectra or config.needs_spectra
     candidates = list(candidates_from_keys(checkpoint))
     progress.start("spectra" if spectra else "checking weights", len(candidates))
     try:
@@ -120,7 +119,13 @@ def _timing(started: datetime, t0: float) -> dict[str, Any]:
 
 def plan_checkpoint(path: str | Path, config: FactorizeConfig, *, spectra: bool = True,
                     unsafe_pickle: bool = False, progress: Progress | None = None) -> dict[str, Any]:
-    """Dry run: the report ``apply`` would produce, with errors predicted from spectra."""
+    """Dry run: the report ``apply`` would produce, with errors predicted from spectra.
+
+    Gates are evaluated on the predictions; a failed gate is in the report's ``gates`` and is
+    raised by :func:`raise_for_gates`, after the caller has written the report.
+    """
+    if config.gates.need_errors and not spectra:
+        raise UsageError("--max-layer-error/--max-total-error need spectra; drop --no-spectra")
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     with open_checkpoint(path, unsafe_pickle=unsafe_pickle) as checkpoint:
         plan = make_plan(checkpoint, config, spectra=spectra, progress=progress)
@@ -129,10 +134,18 @@ def plan_checkpoint(path: str | Path, config: FactorizeConfig, *, spectra: bool 
                             notes=[], timing=_timing(started, t0))
 
 
+def raise_for_gates(report: dict[str, Any]) -> None:
+    if not report["gates"]["passed"]:
+        raise GateError(report["gates"]["violations"])
+
+
 def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConfig, *, force: bool = False,
                      report_path: str | Path | None = None, unsafe_pickle: bool = False,
                      progress: Progress | None = None) -> dict[str, Any]:
-    """Factorize ``path`` into ``output`` and write the JSON report; returns the report."""
+    """Factorize ``path`` into ``output`` and write the JSON report; returns the report.
+
+    When a gate fails the report is written, the output is not, and :class:`GateError` is raised.
+    """
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     progress = progress or _Silent()
     source, output = Path(path), Path(output)
@@ -147,22 +160,40 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
     with open_checkpoint(source, unsafe_pickle=unsafe_pickle) as checkpoint:
         plan = make_plan(checkpoint, config, spectra=False, progress=progress)
         layout = output_layout(checkpoint, plan)
-        notes = _format_notes(checkpoint, kind)
-        ranks = rank_map(plan)
-        metadata = {RANKS_METADATA_KEY: json.dumps(ranks, sort_keys=True)}
+        destination = {"path": str(output), "format": kind.value, "files": [], "report": str(report_path),
+                       "tensors": len(layout), "written": False}
+
+        def report_now(results: dict[str, LayerResult]) -> dict[str, Any]:
+            return build_report(command="apply", checkpoint=checkpoint, plan=plan, results=results,
+                                output=destination, notes=_format_notes(checkpoint, kind),
+                                timing=_timing(started, t0))
+
+        if config.needs_spectra:  # predictions exist: fail a gate before any SVD work
+            early = report_now({})
+            if not early["gates"]["passed"]:
+                write_text_atomic(report_path, dumps(early))
+                raise_for_gates(early)
+
         results: dict[str, LayerResult] = {}
+        final: dict[str, Any] = {}
+
+        def gate() -> None:  # runs before the output is renamed into place
+            final.update(report_now(results))
+            raise_for_gates(final)
+
+        metadata = {RANKS_METADATA_KEY: json.dumps(rank_map(plan), sort_keys=True)}
         progress.start("factorizing", len(plan.to_factorize))
         try:
-            files = write_checkpoint(checkpoint, [p.entry for p in layout],
-                                     execute(checkpoint, layout, config, results, progress), output,
-                                     metadata=metadata)
+            destination["files"] = write_checkpoint(
+                checkpoint, [p.entry for p in layout], execute(checkpoint, layout, config, results, progress),
+                output, metadata=metadata, before_commit=gate)
+            destination["written"] = True
+        except GateError:
+            write_text_atomic(report_path, dumps(final))
+            raise
         finally:
             progress.stop()
-        report = build_report(
-            command="apply", checkpoint=checkpoint, plan=plan, results=results,
-            output={"path": str(output), "format": kind.value, "files": files,
-                    "report": str(report_path), "tensors": len(layout)},
-            notes=notes, timing=_timing(started, t0))
+        report = report_now(results)
     write_text_atomic(report_path, dumps(report))
     return report
 

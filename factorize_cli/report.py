@@ -15,6 +15,8 @@ from typing import Any
 
 from factorize_cli import __version__
 from factorize_cli.formats.base import Checkpoint
+from factorize_cli.config import Gates
+from factorize_cli.factorization import spectrum_stats
 from factorize_cli.planning import LayerPlan, Plan
 
 SCHEMA_VERSION = 1
@@ -34,14 +36,14 @@ def _layer_entry(layer: LayerPlan, result: LayerResult | None) -> dict[str, Any]
     geo, cand = layer.geometry, layer.candidate
     done = layer.factorized
     rank = layer.rank if done else None
-    if result is not None:
-        error, energy, source = result.relative_error, result.energy_kept, "achieved"
-    elif done and layer.predicted_error is not None:
-        error, energy, source = layer.predicted_error, layer.energy_kept, "predicted"
-    elif done:
-        error, energy, source = None, None, None
+    predicted = spectrum_stats(layer.spectrum, rank) if done and layer.spectrum is not None else None
+    if not done:
+        predicted_error, achieved_error, energy = 0.0, 0.0, 1.0  # the weight is kept as it is
     else:
-        error, energy, source = 0.0, 1.0, "unchanged"
+        predicted_error = predicted.relative_error if predicted else None
+        achieved_error = result.relative_error if result else None
+        energy = result.energy_kept if result else (predicted.energy_kept if predicted else None)
+    norm = result.norm if result else (predicted.norm if predicted else None)
     return {
         "name": layer.name,
         "kind": geo.kind.value,
@@ -53,14 +55,16 @@ def _layer_entry(layer: LayerPlan, result: LayerResult | None) -> dict[str, Any]
         "reason": layer.reason.value if layer.reason else None,
         "detail": layer.detail,
         "rank": layer.rank,
+        "pinned": layer.pinned,
         "break_even_rank": geo.break_even_rank,
         "params_before": geo.params(),
         "params_after": geo.params(rank),
         "macs_before": geo.macs(),
         "macs_after": geo.macs(rank),
-        "relative_error": error,
+        "predicted_error": predicted_error,
+        "achieved_error": achieved_error,
         "energy_kept": energy,
-        "error_source": source,
+        "norm": norm,
         "engine": result.engine if result else None,
     }
 
@@ -68,6 +72,7 @@ def _layer_entry(layer: LayerPlan, result: LayerResult | None) -> dict[str, Any]
 def build_report(*, command: str, checkpoint: Checkpoint, plan: Plan, results: dict[str, LayerResult],
                  output: dict[str, Any] | None, notes: list[str], timing: dict[str, Any]) -> dict[str, Any]:
     layers = [_layer_entry(layer, results.get(layer.name)) for layer in plan.layers]
+    totals = _totals(checkpoint, layers)
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "factorize", "version": __version__},
@@ -81,26 +86,25 @@ def build_report(*, command: str, checkpoint: Checkpoint, plan: Plan, results: d
         "output": output,
         "settings": plan.config.to_dict(),
         "layers": layers,
-        "totals": _totals(checkpoint, plan, layers, results),
-        "notes": notes,
+        "totals": totals,
+        "gates": evaluate_gates(plan.config.gates, layers, totals),
+        "notes": list(plan.notes) + notes,
         "timing": timing,
     }
 
 
-def _totals(checkpoint: Checkpoint, plan: Plan, layers: list[dict], results: dict[str, LayerResult]) -> dict:
+def weighted_error(layers: list[dict], key: str) -> float | None:
+    """Energy-weighted relative error over the factorized layers: sqrt(sum e_i^2 n_i^2 / sum n_i^2)."""
+    done = [e for e in layers if e["action"] == "factorize"]
+    if any(e[key] is None or e["norm"] is None for e in done):
+        return None
+    energy = sum(e["norm"] ** 2 for e in done)
+    return math.sqrt(sum((e[key] * e["norm"]) ** 2 for e in done) / energy) if energy else 0.0
+
+
+def _totals(checkpoint: Checkpoint, layers: list[dict]) -> dict:
     floats = sum(info.numel for info in checkpoint.infos if info.is_float)
     saved = sum(e["params_before"] - e["params_after"] for e in layers)
-    weighted, energy = 0.0, 0.0
-    for layer in plan.to_factorize:
-        result = results.get(layer.name)
-        norm = result.norm if result else layer.norm
-        error = result.relative_error if result else layer.predicted_error
-        if norm is None or error is None:
-            weighted = energy = math.nan
-            break
-        weighted += (error * norm) ** 2
-        energy += norm ** 2
-    total_error = None if math.isnan(weighted) else (math.sqrt(weighted / energy) if energy else 0.0)
     return {
         "candidates": len(layers),
         "factorized": sum(e["action"] == "factorize" for e in layers),
@@ -112,8 +116,37 @@ def _totals(checkpoint: Checkpoint, plan: Plan, layers: list[dict], results: dic
         "checkpoint_params_before": floats,
         "checkpoint_params_after": floats - saved,
         "param_reduction": saved / floats if floats else 0.0,
-        "relative_error": total_error,
+        "predicted_error": weighted_error(layers, "predicted_error"),
+        "achieved_error": weighted_error(layers, "achieved_error"),
     }
+
+
+def best_error(entry: dict) -> float | None:
+    """The achieved error when the layer was executed, else the predicted one."""
+    return entry["achieved_error"] if entry["achieved_error"] is not None else entry["predicted_error"]
+
+
+def evaluate_gates(gates: Gates, layers: list[dict], totals: dict) -> dict[str, Any]:
+    """Check every gate and collect every violation (not just the first), one line each."""
+    violations: list[str] = []
+    checked: list[str] = []
+    if gates.max_layer_error is not None:
+        checked.append("max_layer_error")
+        for e in layers:
+            error = best_error(e)
+            if error is not None and error > gates.max_layer_error:
+                violations.append(f"layer {e['name']}: error {error:.4f} > --max-layer-error {gates.max_layer_error:g}")
+    if gates.max_total_error is not None:
+        checked.append("max_total_error")
+        total = totals["achieved_error"] if totals["achieved_error"] is not None else totals["predicted_error"]
+        if total is not None and total > gates.max_total_error:
+            violations.append(f"total error {total:.4f} > --max-total-error {gates.max_total_error:g}")
+    if gates.min_param_reduction is not None:
+        checked.append("min_param_reduction")
+        if totals["param_reduction"] < gates.min_param_reduction:
+            violations.append(f"param reduction {totals['param_reduction']:.4f} < --min-param-reduction "
+                              f"{gates.min_param_reduction:g}")
+    return {"checked": checked, "passed": not violations, "violations": violations}
 
 
 def load_schema() -> dict[str, Any]:

@@ -32,7 +32,7 @@ def test_plan_json_on_stdout_validates(cli, toy_safetensors):
     assert report["command"] == "plan" and report["output"] is None
     assert report["totals"]["factorized"] == 3
     fc1 = next(e for e in report["layers"] if e["name"] == "fc1")
-    assert fc1["error_source"] == "predicted" and 0 < fc1["relative_error"] < 1
+    assert fc1["achieved_error"] is None and 0 < fc1["predicted_error"] < 1
     assert "fc1" in r.stderr and "3/5 layers factorized" in r.stderr  # the table goes to stderr
     assert list(toy_safetensors.parent.iterdir()) == [toy_safetensors]  # a dry run writes nothing
 
@@ -46,7 +46,7 @@ def test_plan_quiet_prints_nothing(cli, toy_safetensors, tmp_path):
 def test_plan_without_spectra_reads_shapes_only(cli, toy_safetensors):
     r = cli("plan", toy_safetensors, *SMALL, "--no-spectra", "--json", "-q")
     fc1 = next(e for e in r.json["layers"] if e["name"] == "fc1")
-    assert r.code == 0 and fc1["relative_error"] is None and r.json["totals"]["relative_error"] is None
+    assert r.code == 0 and fc1["predicted_error"] is None and r.json["totals"]["predicted_error"] is None
 
 
 def test_apply_writes_output_and_valid_report(cli, toy_pt, tmp_path):

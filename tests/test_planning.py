@@ -30,7 +30,7 @@ def test_toy_decisions():
     assert reason(layers["embed"]) == "embedding-like"
     assert reason(layers["head"]) == "too-narrow" and "8 is below --min-features 32" in layers["head"].detail
     for name in ("conv", "fc1", "fc2"):
-        assert layers[name].factorized and layers[name].predicted_error is not None
+        assert layers[name].factorized and layers[name].spectrum is not None
     assert layers["fc1"].rank == 16  # 0.25 * min(96, 64)
     assert layers["conv"].rank == 8  # 0.25 * min(48, 32) channels
     assert layers["fc1"].candidate.bias is not None and layers["fc2"].candidate.bias is None

@@ -37,7 +37,7 @@ from factorize_cli.cli import plan as _plan_cmd  # noqa: E402,F401
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and maps every error to one line and an exit code, here and only here."""
-    from factorize_cli.errors import FactorizeError
+    from factorize_cli.errors import FactorizeError, GateError
 
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> None:
         code = e.exit_code
     except typer.Abort:
         _fail("aborted", 130)
+    except GateError as e:  # one line per violation; the report has them too
+        for violation in e.violations:
+            print(f"factorize: gate failed: {violation}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except FactorizeError as e:
         if debug:
             raise

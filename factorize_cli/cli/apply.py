@@ -16,6 +16,8 @@ Examples:
   factorize apply model.safetensors small.safetensors --min-features 256 --latent-features 0.3
 
   factorize apply shards/ shards-lowrank/ --exclude 'lm_head' --force
+
+  factorize apply model.safetensors small.safetensors --rank-policy energy:0.9 --rank-multiple 8
 """
 
 

@@ -11,6 +11,7 @@ import typer
 
 SELECTION = "Selection (Composer's Factorize flags)"
 RANKS = "Ranks"
+GATES = "Gates (exit 1 when one fails; the report is still written)"
 INPUT = "Input"
 
 
@@ -43,6 +44,29 @@ def _shared_parameters() -> list[inspect.Parameter]:
         opt("latent_channels", Annotated[str, typer.Option(
             "--latent-channels", metavar="F|R", rich_help_panel=RANKS,
             help="Conv rank: a fraction < 1 of min(in, out) channels, or an absolute rank >= 1.")], "0.25"),
+        opt("rank_policy", Annotated[str, typer.Option(
+            "--rank-policy", metavar="POLICY", rich_help_panel=RANKS,
+            help="ratio: the latent sizes above | energy:T: per layer the smallest rank keeping fraction T of "
+                 "||W||^2 | error:E: per layer the smallest rank with relative Frobenius error <= E | "
+                 "params:P / macs:P: the factorized layers together keep fraction P of their params (MACs per "
+                 "output position), ranks allocated greedily by squared-error drop per unit cost.")], "ratio"),
+        opt("rank_multiple", Annotated[int, typer.Option(
+            "--rank-multiple", min=1, metavar="N", rich_help_panel=RANKS,
+            help="Round ranks to multiples of N (hardware-friendly 8/16/64), never past break-even or the "
+                 "budget.")], 1),
+        opt("rank_pins", Annotated[list[str], typer.Option(
+            "--rank", metavar="GLOB=R", rich_help_panel=RANKS,
+            help="Pin rank R for layers matching GLOB (repeatable; first match wins; break-even still applies).")],
+            []),
+        opt("max_layer_error", Annotated[float | None, typer.Option(
+            "--max-layer-error", metavar="E", rich_help_panel=GATES,
+            help="Fail (exit 1) if any layer's relative error exceeds E.")], None),
+        opt("max_total_error", Annotated[float | None, typer.Option(
+            "--max-total-error", metavar="E", rich_help_panel=GATES,
+            help="Fail if the energy-weighted total relative error exceeds E.")], None),
+        opt("min_param_reduction", Annotated[float | None, typer.Option(
+            "--min-param-reduction", metavar="R", rich_help_panel=GATES,
+            help="Fail if the checkpoint's parameters shrink by less than fraction R.")], None),
         opt("unsafe_pickle", Annotated[bool, typer.Option(
             "--unsafe-pickle", rich_help_panel=INPUT,
             help="Load torch.save files with full pickle: EXECUTES CODE FROM THE FILE. Only for files you trust.")],
@@ -75,15 +99,22 @@ def factorize_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def build_config(*, factorize_linears: bool, factorize_convs: bool, min_features: int, min_channels: int,
-                 include: list[str], exclude: list[str], latent_features: str, latent_channels: str) -> Any:
-    from factorize_cli.config import FactorizeConfig, Latent, RatioPolicy, SelectionConfig
+                 include: list[str], exclude: list[str], latent_features: str, latent_channels: str,
+                 rank_policy: str, rank_multiple: int, rank_pins: list[str], max_layer_error: float | None,
+                 max_total_error: float | None, min_param_reduction: float | None) -> Any:
+    from factorize_cli.config import (FactorizeConfig, Gates, Latent, RankPin, RatioPolicy, SelectionConfig,
+                                      parse_policy)
 
+    ratio = RatioPolicy(latent_features=Latent.parse(latent_features), latent_channels=Latent.parse(latent_channels))
     return FactorizeConfig(
         selection=SelectionConfig(factorize_linears=factorize_linears, factorize_convs=factorize_convs,
                                   min_features=min_features, min_channels=min_channels,
                                   include=tuple(include), exclude=tuple(exclude)),
-        policy=RatioPolicy(latent_features=Latent.parse(latent_features),
-                           latent_channels=Latent.parse(latent_channels)),
+        policy=parse_policy(rank_policy, ratio),
+        pins=tuple(RankPin.parse(p) for p in rank_pins),
+        rank_multiple=rank_multiple,
+        gates=Gates(max_layer_error=max_layer_error, max_total_error=max_total_error,
+                    min_param_reduction=min_param_reduction),
     )
 
 

@@ -16,6 +16,8 @@ Examples:
   factorize plan ckpt.pt --min-features 256 --latent-features 0.3 --json | jq .totals
 
   factorize plan shards/ --exclude 'lm_head' --report plan.json
+
+  factorize plan model.safetensors --rank-policy params:0.8 --max-total-error 0.3   (a CI gate)
 """
 
 
@@ -36,7 +38,7 @@ def plan(
     """Show which layers would be factorized, at what rank, and the predicted error (writes nothing)."""
     from factorize_cli.atomic import write_text_atomic
     from factorize_cli.cli.render import RichProgress, show
-    from factorize_cli.pipeline import plan_checkpoint
+    from factorize_cli.pipeline import plan_checkpoint, raise_for_gates
     from factorize_cli.report import dumps
 
     result = plan_checkpoint(checkpoint, config, spectra=spectra, unsafe_pickle=unsafe_pickle,
@@ -47,3 +49,4 @@ def plan(
     show(result, quiet=quiet)
     if json_out:
         print(text, end="")
+    raise_for_gates(result)

@@ -41,11 +41,12 @@ def layer_table(report: dict[str, Any]) -> Table:
     for e in report["layers"]:
         done = e["action"] == "factorize"
         rank = f"{e['rank']}/{e['break_even_rank']}" if e["rank"] else f"-/{e['break_even_rank']}"
+        rank += "*" if e["pinned"] else ""
         params = f"{_count(e['params_before'])}→{_count(e['params_after'])}" if done else _count(e["params_before"])
         macs = f"{_count(e['macs_before'])}→{_count(e['macs_after'])}" if done else _count(e["macs_before"])
         status = "[green]factorize[/]" if done else f"[yellow]skip[/] {e['reason']} [dim]({escape(e['detail'])})[/]"
         table.add_row(escape(e["name"] or "(root)"), e["kind"], "x".join(map(str, e["shape"])), rank, params, macs,
-                      _pct(e["relative_error"]) if done else "", _pct(e["energy_kept"]) if done else "", status)
+                      _pct(_error(e)) if done else "", _pct(e["energy_kept"]) if done else "", status)
     return table
 
 
@@ -55,9 +56,15 @@ def summary(report: dict[str, Any]) -> str:
     line = (f"{t['factorized']}/{t['candidates']} layers factorized; params {_count(before)} → {_count(after)} "
             f"({_pct(t['param_reduction'])} fewer); candidate MACs {_count(t['candidate_macs_before'])} → "
             f"{_count(t['candidate_macs_after'])}")
-    if t["relative_error"] is not None and t["factorized"]:
-        line += f"; weighted error {_pct(t['relative_error'])}"
+    if t["achieved_error"] is not None and t["factorized"]:
+        line += f"; weighted error {_pct(t['achieved_error'])}"
+    elif t["predicted_error"] is not None and t["factorized"]:
+        line += f"; predicted weighted error {_pct(t['predicted_error'])}"
     return line
+
+
+def _error(entry: dict[str, Any]) -> float | None:
+    return entry["achieved_error"] if entry["achieved_error"] is not None else entry["predicted_error"]
 
 
 def show(report: dict[str, Any], *, quiet: bool) -> None:
@@ -69,7 +76,11 @@ def show(report: dict[str, Any], *, quiet: bool) -> None:
         out.print(summary(report))
         for note in report["notes"]:
             out.print(f"note: {note}")
-        if report.get("output"):
+        gates = report["gates"]
+        if gates["checked"]:
+            out.print(f"gates ({', '.join(gates['checked'])}): " + ("passed" if gates["passed"] else
+                      f"[red]{len(gates['violations'])} violation(s)[/]"))
+        if report.get("output") and report["output"]["written"]:
             out.print(f"wrote {report['output']['path']} and {report['output']['report']}")
     text = captured.get()
     if not sys.stderr.isatty():  # logs: no padding to the console width

@@ -1,0 +1,219 @@
+"""Rank policies: property tests on generated spectra, and the policies through plan/apply."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from factorize_cli.config import (BudgetMetric, BudgetPolicy, EnergyPolicy, ErrorPolicy, FactorizeConfig, Latent,
+                                  RankPin, RatioPolicy, SelectionConfig, parse_policy)
+from factorize_cli.errors import UsageError
+from factorize_cli.formats.torchfile import checkpoint_from_mapping
+from factorize_cli.geometry import Geometry, LayerKind
+from factorize_cli.pipeline import make_plan
+from factorize_cli.policies import BudgetLayer, allocate_budget, rank_for_energy, rank_for_error, tail_energy
+from tests.conftest import SMALL, decaying_matrix
+
+spectra = st.lists(st.floats(1e-6, 1e3, allow_nan=False), min_size=1, max_size=80).map(
+    lambda xs: torch.tensor(sorted(xs, reverse=True), dtype=torch.float64))
+
+
+@given(spectra, st.floats(0.01, 1.0))
+def test_energy_policy_picks_the_smallest_sufficient_rank(sigma, t):
+    r = rank_for_energy(sigma, t)
+    total = float(sigma.square().sum())
+    def dropped(k):  # summed directly, so tiny tails are not lost against a large total
+        return float(sigma[k:].square().sum())
+    assert 1 <= r <= len(sigma)
+    assert dropped(r) <= (1 - t) * total * (1 + 1e-9) + 1e-300
+    if r > 1:
+        assert dropped(r - 1) > (1 - t) * total
+
+
+@given(spectra, st.floats(0.0, 0.99))
+def test_error_policy_picks_the_smallest_sufficient_rank(sigma, e):
+    r = rank_for_error(sigma, e)
+    total = float(sigma.square().sum())
+    def error(k):
+        return (float(sigma[k:].square().sum()) / total) ** 0.5
+    assert error(r) <= e + 1e-9
+    if r > 1:
+        assert error(r - 1) > e
+
+
+layer_shapes = st.tuples(st.integers(8, 96), st.integers(8, 96), st.floats(0.2, 2.0), st.integers(0, 10**6))
+
+
+def make_layers(shapes, step=1):
+    layers = []
+    for i, (out, fan_in, alpha, seed) in enumerate(shapes):
+        k = min(out, fan_in)
+        gen = torch.Generator().manual_seed(seed)
+        sigma = (torch.arange(1, k + 1, dtype=torch.float64) ** -alpha) * (1 + torch.rand(1, generator=gen).item())
+        geo = Geometry.from_weight_shape(LayerKind.LINEAR, (out, fan_in), has_bias=False)
+        layers.append((BudgetLayer(f"l{i}", sigma, out + fan_in, 0, geo.break_even_rank // step * step), geo))
+    return layers
+
+
+def squared_error(layers, ranks):
+    return sum(float(tail_energy(b.sigma)[ranks[b.name]]) for b, _ in layers)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(layer_shapes, min_size=1, max_size=6), st.floats(0.05, 0.95), st.sampled_from([1, 4, 8]))
+def test_budget_is_spent_within_tolerance(shapes, fraction, step):
+    layers = [(b, g) for b, g in make_layers(shapes, step) if b.max_rank >= step]
+    if not layers:
+        return
+    before = sum(g.params() for _, g in layers)
+    budget = fraction * before
+    minimum = sum(step * b.cost_per_rank for b, _ in layers)
+    if minimum > budget:
+        with pytest.raises(ValueError):
+            allocate_budget([b for b, _ in layers], budget, step)
+        return
+    ranks = allocate_budget([b for b, _ in layers], budget, step)
+    spent = sum(ranks[b.name] * b.cost_per_rank for b, _ in layers)
+    assert spent <= budget
+    assert all(r % step == 0 and step <= r <= b.max_rank for (b, _), r in zip(layers, ranks.values()))
+    open_steps = [step * b.cost_per_rank for b, _ in layers if ranks[b.name] < b.max_rank]
+    if open_steps:  # a layer below its ceiling could still grow: the slack is less than its step
+        assert budget - spent <= max(0.005 * budget, min(open_steps))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(layer_shapes, min_size=2, max_size=6), st.floats(0.05, 0.45))
+def test_greedy_is_never_worse_than_uniform_at_equal_params(shapes, fraction):
+    layers = make_layers(shapes)
+    uniform = {b.name: max(1, int(fraction * g.min_dim)) for b, g in layers}
+    if any(uniform[b.name] > b.max_rank for b, _ in layers):
+        return
+    budget = sum(uniform[b.name] * b.cost_per_rank for b, _ in layers)
+    greedy = allocate_budget([b for b, _ in layers], budget)
+    assert squared_error(layers, greedy) <= squared_error(layers, uniform) * (1 + 1e-12)
+
+
+def test_greedy_is_strictly_better_on_layers_with_different_decay():
+    layers = make_layers([(64, 64, 0.3, 1), (64, 64, 1.5, 2), (64, 64, 0.8, 3)])
+    uniform = {b.name: 16 for b, _ in layers}
+    budget = sum(16 * b.cost_per_rank for b, _ in layers)
+    greedy = allocate_budget([b for b, _ in layers], budget)
+    assert squared_error(layers, greedy) < 0.95 * squared_error(layers, uniform)
+    assert greedy["l0"] > 16 > greedy["l1"]  # slow decay gets more rank, fast decay less
+
+
+def sd_with_decays():
+    return {f"fc{i}.weight": decaying_matrix(96, 64, alpha=a, seed=i) for i, a in enumerate((0.2, 0.6, 1.2, 2.0))}
+
+
+def plan(config):
+    return {lp.name: lp for lp in make_plan(checkpoint_from_mapping(sd_with_decays()), config, spectra=True).layers}
+
+
+SEL = SelectionConfig(min_features=8)
+
+
+def test_energy_and_error_policies_through_the_planner():
+    layers = plan(FactorizeConfig(selection=SEL, policy=EnergyPolicy(0.9)))
+    for lp in layers.values():
+        if lp.factorized:
+            assert rank_for_energy(lp.spectrum, 0.9) == lp.rank
+        else:  # the slowly decaying layer needs a rank above break-even
+            assert lp.reason.value == "above-break-even" and "keep 0.9 of the energy" in lp.detail
+    layers = plan(FactorizeConfig(selection=SEL, policy=ErrorPolicy(0.1), rank_multiple=8))
+    for lp in layers.values():
+        if lp.factorized:
+            assert lp.rank % 8 == 0 and lp.rank >= rank_for_error(lp.spectrum, 0.1) > lp.rank - 8
+
+
+@pytest.mark.parametrize("metric", list(BudgetMetric))
+def test_budget_policy_through_the_planner(metric):
+    config = FactorizeConfig(selection=SEL, policy=BudgetPolicy(metric, 0.5), rank_multiple=4)
+    p = make_plan(checkpoint_from_mapping(sd_with_decays()), config, spectra=True)
+    cost = (lambda g, r: g.params(r)) if metric is BudgetMetric.PARAMS else (lambda g, r: g.macs(r))
+    before = sum(cost(lp.geometry, None) for lp in p.to_factorize)
+    after = sum(cost(lp.geometry, lp.rank) for lp in p.to_factorize)
+    assert 0.5 * before - 4 * 160 <= after <= 0.5 * before
+    assert all(lp.rank % 4 == 0 and lp.rank <= lp.geometry.break_even_rank for lp in p.to_factorize)
+    ranks = [p.layer(f"fc{i}").rank for i in range(4)]
+    assert ranks == sorted(ranks, reverse=True)  # slower decay, more rank
+    assert any("budget" in note for note in p.notes)
+
+
+def test_pins_win_and_obey_break_even():
+    config = FactorizeConfig(selection=SEL, policy=BudgetPolicy(BudgetMetric.PARAMS, 0.5),
+                             pins=(RankPin.parse("fc0=5"), RankPin.parse("fc3=60")))
+    layers = plan(config)
+    assert layers["fc0"].rank == 5 and layers["fc0"].pinned and layers["fc0"].factorized
+    assert layers["fc3"].reason.value == "above-break-even" and "pinned" in layers["fc3"].detail
+
+
+def test_impossible_budget_is_a_usage_error():
+    with pytest.raises(UsageError, match="cannot be met"):
+        plan(FactorizeConfig(selection=SEL, policy=BudgetPolicy(BudgetMetric.PARAMS, 0.01), rank_multiple=16))
+
+
+@pytest.mark.parametrize("text", ["energy", "energy:x", "error:1.5", "params:1.2", "bogus", "macs:0"])
+def test_bad_policies(text):
+    with pytest.raises(UsageError):
+        parse_policy(text, RatioPolicy())
+
+
+@pytest.mark.parametrize("text", ["fc", "=3", "fc=0", "fc=-1", "fc=x"])
+def test_bad_pins(text):
+    with pytest.raises(UsageError):
+        RankPin.parse(text)
+
+
+@pytest.fixture
+def decays_file(tmp_path):
+    from safetensors.torch import save_file
+    path = tmp_path / "m.safetensors"
+    save_file(sd_with_decays(), str(path))
+    return path
+
+
+def test_gate_failure_exits_1_with_one_line_per_violation(cli, decays_file, tmp_path):
+    r = cli("plan", decays_file, "--min-features", "8", "--max-layer-error", "0.05", "--min-param-reduction", "0.9",
+            "--report", tmp_path / "r.json", "-q")
+    assert r.code == 1
+    lines = r.stderr.strip().splitlines()
+    assert all(line.startswith("factorize: gate failed: ") for line in lines)
+    assert sum("layer fc" in line for line in lines) >= 2 and any("param reduction" in line for line in lines)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["gates"]["passed"] is False and len(report["gates"]["violations"]) == len(lines)
+
+
+def test_passing_gates_exit_0(cli, decays_file):
+    r = cli("plan", decays_file, "--min-features", "8", "--max-layer-error", "0.99", "--max-total-error", "0.9",
+            "--json", "-q")
+    assert r.code == 0 and r.json["gates"] == {"checked": ["max_layer_error", "max_total_error"], "passed": True,
+                                                "violations": []}
+
+
+def test_apply_gate_failure_writes_report_but_no_output(cli, decays_file, tmp_path):
+    out = tmp_path / "o.safetensors"
+    r = cli("apply", decays_file, out, "--min-features", "8", "--max-total-error", "0.01", "-q")
+    assert r.code == 1 and "total error" in r.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
+    report = json.loads((tmp_path / "o.factorize.json").read_text())
+    assert report["output"]["written"] is False and report["totals"]["achieved_error"] > 0.01
+    # with a budget policy the predicted errors fail the gate before any factorization
+    r = cli("apply", decays_file, out, "--min-features", "8", "--rank-policy", "params:0.5",
+            "--max-layer-error", "0.01", "-q", "--force")
+    assert r.code == 1 and not out.exists()
+    assert json.loads((tmp_path / "o.factorize.json").read_text())["totals"]["achieved_error"] is None
+
+
+def test_apply_with_policy_reports_predicted_and_achieved(cli, decays_file, tmp_path):
+    r = cli("apply", decays_file, tmp_path / "o.safetensors", "--min-features", "8", "--rank-policy", "energy:0.8",
+            "--json", "-q")
+    assert r.code == 0
+    for e in r.json["layers"]:
+        if e["action"] == "factorize":
+            assert e["achieved_error"] == pytest.approx(e["predicted_error"], abs=1e-6)
+            assert e["energy_kept"] >= 0.8 - 1e-9
