@@ -72,3 +72,33 @@ def test_minilm_encoder_linears(cli, minilm, tmp_path):
     assert total_after == report["totals"]["checkpoint_params_after"] < total_before
     print(f"\nMiniLM: params {total_before} -> {total_after}; weighted error "
           f"{report['totals']['achieved_error']:.4f}")
+
+
+@pytest.mark.slow
+def test_minilm_budget_beats_uniform_ranks_at_equal_params(minilm):
+    """params:0.8 over the encoder Linears: lower energy-weighted error than uniform ranks of equal cost."""
+    from factorize_cli.config import BudgetMetric, BudgetPolicy, FactorizeConfig, SelectionConfig
+    from factorize_cli.formats import open_checkpoint
+    from factorize_cli.pipeline import make_plan
+
+    config = FactorizeConfig(selection=SelectionConfig(min_features=256, include=("encoder.*",)),
+                             policy=BudgetPolicy(BudgetMetric.PARAMS, 0.8))
+    with open_checkpoint(minilm) as checkpoint:
+        plan = make_plan(checkpoint, config, spectra=True)
+    layers = plan.to_factorize
+    assert len(layers) == 36
+    spent = sum(lp.geometry.params(lp.rank) for lp in layers)
+    before = sum(lp.geometry.params() for lp in layers)
+    assert 0.795 * before <= spent <= 0.8 * before
+
+    def weighted(ranks):
+        dropped = sum(float(lp.spectrum[r:].square().sum()) for lp, r in zip(layers, ranks))
+        return (dropped / sum(float(lp.spectrum.square().sum()) for lp in layers)) ** 0.5
+
+    # the uniform rank whose weights cost the same (ignoring break-even, which only favours uniform)
+    per_rank = sum(lp.geometry.params(1) - lp.geometry.params(0) for lp in layers)
+    uniform = round((spent - sum(lp.geometry.params(0) for lp in layers)) / per_rank)
+    greedy_error, uniform_error = weighted([lp.rank for lp in layers]), weighted([uniform] * len(layers))
+    print(f"\nMiniLM params:0.8 over encoder Linears: budget error {greedy_error:.4f} vs uniform rank {uniform} "
+          f"error {uniform_error:.4f}")
+    assert greedy_error < uniform_error
