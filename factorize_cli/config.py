@@ -181,7 +181,7 @@ class Gates:
         return self.max_layer_error is not None or self.max_total_error is not None
 
 
-SVD_ENGINES = ("exact",)
+SVD_ENGINES = ("auto", "exact", "gram", "randomized")
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,9 @@ class FactorizeConfig:
     pins: tuple[RankPin, ...] = ()
     rank_multiple: int = 1
     gates: Gates = field(default_factory=Gates)
-    svd: str = "exact"
+    svd: str = "auto"
+    device: str = "cpu"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.svd not in SVD_ENGINES:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import json
 import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -16,7 +18,7 @@ import torch
 from factorize_cli.atomic import write_text_atomic
 from factorize_cli.config import FactorizeConfig
 from factorize_cli.errors import GateError, InputError, OutputError, UsageError
-from factorize_cli.factorization import Factors, low_rank_factors, reconstruct, relative_error, singular_values
+from factorize_cli.factorization import Factors, choose_engine, factorize_checked, singular_values
 from factorize_cli.formats import OutputKind, check_output_path, open_checkpoint, output_kind, write_checkpoint
 from factorize_cli.formats.base import Checkpoint
 from factorize_cli.formats.torchfile import checkpoint_from_mapping
@@ -50,7 +52,8 @@ def default_report_path(output: Path) -> Path:
     return output.parent / f"{stem}.factorize.json"
 
 
-def _inspector(checkpoint: Checkpoint, *, spectra: bool, progress: Progress) -> Inspector:
+def _inspector(checkpoint: Checkpoint, config: FactorizeConfig, *, spectra: bool,
+               progress: Progress) -> Inspector:
     """Look at each layer still in the running: refuse non-finite weights, read spectra if asked."""
 
     def inspect(layer: LayerPlan) -> LayerPlan:
@@ -60,52 +63,83 @@ def _inspector(checkpoint: Checkpoint, *, spectra: bool, progress: Progress) -> 
                 return layer.skipped(SkipReason.NON_FINITE, "weight holds NaN or Inf values")
             if not spectra:
                 return layer
-            return replace(layer, spectrum=singular_values(weight, layer.geometry))
+            engine = config.svd if config.svd in ("exact", "gram") else choose_engine(layer.geometry)
+            return replace(layer, spectrum=singular_values(weight, layer.geometry, engine=engine,
+                                                           device=config.device))
         finally:
             progress.advance(layer.name)
 
     return inspect
 
 
-def make_plan(checkpoint: Checkpoint, config: FactorizeConfig, *, spectra: bool,
+def make_plan(checkpoint: Checkpoint, config: FactorizeConfig, *, spectra: bool, read_weights: bool = True,
               progress: Progress | None = None) -> Plan:
-    """Build the plan; spectra are read when asked for or when the rank policy needs them."""
+    """Build the plan. Spectra are read when asked for or when the rank policy needs them;
+    with ``read_weights=False`` (and no spectra) only headers are read."""
     progress = progress or _Silent()
     spectra = spectra or config.needs_spectra
     candidates = list(candidates_from_keys(checkpoint))
-    progress.start("spectra" if spectra else "checking weights", len(candidates))
+    inspect = _inspector(checkpoint, config, spectra=spectra, progress=progress) \
+        if spectra or read_weights else None
+    progress.start("spectra" if spectra else "checking weights", len(candidates) if inspect else 0)
     try:
-        return build_plan(candidates, config, source=checkpoint.path, fmt=checkpoint.format,
-                          inspect=_inspector(checkpoint, spectra=spectra, progress=progress))
+        return build_plan(candidates, config, source=checkpoint.path, fmt=checkpoint.format, inspect=inspect)
     finally:
         progress.stop()
+
+
+def _sources(layout: list[Placed]) -> Iterator[str]:
+    """The input keys ``execute`` reads, in the order it reads them."""
+    for placed in layout:
+        if placed.role is Role.COPY:
+            yield placed.entry.source
+        elif placed.role is Role.FIRST:
+            yield placed.layer.candidate.weight.key
+        elif placed.role is Role.BIAS and placed.layer.candidate.bias is not None:
+            yield placed.layer.candidate.bias.key
+
+
+def prefetch(checkpoint: Checkpoint, keys: Iterator[str], depth: int = 2) -> Iterator[torch.Tensor]:
+    """Read tensors ahead on a background thread while the caller computes (reads release the GIL)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="factorize-read") as pool:
+        pending: collections.deque = collections.deque()
+        for key in keys:
+            pending.append(pool.submit(checkpoint.get, key))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """A per-layer seed that does not depend on the order layers are processed in."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63)
 
 
 def execute(checkpoint: Checkpoint, layout: list[Placed], config: FactorizeConfig,
             results: dict[str, LayerResult], progress: Progress) -> Iterator[torch.Tensor]:
     """Yield the output tensors in layout order, factorizing each layer when its first factor is due."""
+    reads = prefetch(checkpoint, _sources(layout))
     factors: Factors | None = None
     for placed in layout:
         layer = placed.layer
         if placed.role is Role.COPY:
-            yield checkpoint.get(placed.entry.source)
+            yield next(reads)
         elif placed.role is Role.FIRST:
-            assert layer is not None and layer.rank is not None
-            weight = checkpoint.get(layer.candidate.weight.key)
-            factors = low_rank_factors(weight, layer.geometry, layer.rank, engine=config.svd)
-            achieved = relative_error(weight, reconstruct(factors.first, factors.second, layer.geometry))
-            results[layer.name] = LayerResult(achieved, factors.stats.energy_kept, factors.stats.norm, config.svd)
-            del weight
+            weight = next(reads)
+            outcome = factorize_checked(weight, layer.geometry, layer.rank, engine=config.svd,
+                                        seed=layer_seed(config.seed, layer.name), device=config.device)
+            factors = outcome.factors
+            results[layer.name] = LayerResult(outcome.achieved_error, factors.stats.energy_kept,
+                                              factors.stats.norm, outcome.engine)
+            del weight, outcome
             progress.advance(layer.name)
             yield factors.first
         elif placed.role is Role.SECOND:
-            assert factors is not None
             yield factors.second
         else:  # Role.BIAS
-            assert layer is not None
             bias = layer.candidate.bias
-            yield checkpoint.get(bias.key) if bias else torch.zeros(placed.entry.shape, dtype=getattr(
-                torch, placed.entry.dtype))
+            yield next(reads) if bias else torch.zeros(placed.entry.shape, dtype=getattr(torch, placed.entry.dtype))
             factors = None
 
 
@@ -117,21 +151,48 @@ def _timing(started: datetime, t0: float) -> dict[str, Any]:
     return {"started_at": started.isoformat(timespec="seconds"), "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def plan_checkpoint(path: str | Path, config: FactorizeConfig, *, spectra: bool = True,
+def plan_checkpoint(path: str | Path, config: FactorizeConfig, *, spectra: bool | None = None,
                     unsafe_pickle: bool = False, progress: Progress | None = None) -> dict[str, Any]:
-    """Dry run: the report ``apply`` would produce, with errors predicted from spectra.
+    """Dry run: the report ``apply`` would produce.
 
-    Gates are evaluated on the predictions; a failed gate is in the report's ``gates`` and is
-    raised by :func:`raise_for_gates`, after the caller has written the report.
+    ``spectra=None`` reads singular values only when the policy or an error gate needs them;
+    otherwise the plan comes from headers alone (no NaN/Inf check, no predicted error).
+    Gates are evaluated on predictions; a failed gate is in the report's ``gates``, and
+    :func:`raise_for_gates` raises it after the caller has written the report.
     """
-    if config.gates.need_errors and not spectra:
+    if config.gates.need_errors and spectra is False:
         raise UsageError("--max-layer-error/--max-total-error need spectra; drop --no-spectra")
+    wanted = bool(spectra) or config.gates.need_errors
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     with open_checkpoint(path, unsafe_pickle=unsafe_pickle) as checkpoint:
-        plan = make_plan(checkpoint, config, spectra=spectra, progress=progress)
+        _check_device(config)
+        plan = make_plan(checkpoint, config, spectra=wanted, read_weights=False, progress=progress)
         output_layout(checkpoint, plan)  # the same validation apply does (key collisions)
+        notes = [] if wanted or config.needs_spectra else \
+            ["headers only: weights were not read (no NaN/Inf check, no predicted error); pass --spectra"]
         return build_report(command="plan", checkpoint=checkpoint, plan=plan, results={}, output=None,
-                            notes=[], timing=_timing(started, t0))
+                            notes=notes, timing=_timing(started, t0))
+
+
+def resolve_device(requested: str) -> tuple[str, str | None]:
+    """The device to compute on, and a note when the request cannot be met (CUDA absent)."""
+    if requested == "cpu":
+        return "cpu", None
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return "cpu", f"--device {requested}: CUDA is not available here; computing on the CPU"
+        try:
+            torch.empty(0, device=requested)
+        except (RuntimeError, AssertionError) as e:
+            raise UsageError(f"--device {requested}: {e}") from None
+        return requested, None
+    raise UsageError(f"--device {requested!r}: use cpu, cuda or cuda:N")
+
+
+def _check_device(config: FactorizeConfig) -> None:
+    device, note = resolve_device(config.device)
+    if note is not None or device != config.device:
+        raise UsageError(note or f"device {config.device} unavailable")
 
 
 def raise_for_gates(report: dict[str, Any]) -> None:
@@ -158,6 +219,7 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
         raise OutputError(f"{report_path}: report already exists; pass --force to replace it")
 
     with open_checkpoint(source, unsafe_pickle=unsafe_pickle) as checkpoint:
+        _check_device(config)
         plan = make_plan(checkpoint, config, spectra=False, progress=progress)
         layout = output_layout(checkpoint, plan)
         destination = {"path": str(output), "format": kind.value, "files": [], "report": str(report_path),

@@ -25,7 +25,7 @@ class NotAWeight:  # a class weights_only loading must refuse
 
 
 def test_plan_json_on_stdout_validates(cli, toy_safetensors):
-    r = cli("plan", toy_safetensors, *SMALL, "--json")
+    r = cli("plan", toy_safetensors, *SMALL, "--json", "--spectra")
     assert r.code == 0
     report = r.json
     jsonschema.validate(report, load_schema())
@@ -43,10 +43,19 @@ def test_plan_quiet_prints_nothing(cli, toy_safetensors, tmp_path):
     jsonschema.validate(json.loads((tmp_path / "plan.json").read_text()), load_schema())
 
 
-def test_plan_without_spectra_reads_shapes_only(cli, toy_safetensors):
-    r = cli("plan", toy_safetensors, *SMALL, "--no-spectra", "--json", "-q")
+def test_plan_reads_headers_only_by_default(cli, toy_safetensors, monkeypatch):
+    import factorize_cli.formats.safetensors as st
+
+    def no_reads(self, key):
+        raise AssertionError(f"read {key}")
+
+    monkeypatch.setattr(st._SafetensorsFile, "get", no_reads)
+    r = cli("plan", toy_safetensors, *SMALL, "--json", "-q")
     fc1 = next(e for e in r.json["layers"] if e["name"] == "fc1")
     assert r.code == 0 and fc1["predicted_error"] is None and r.json["totals"]["predicted_error"] is None
+    assert any("headers only" in note for note in r.json["notes"])
+    r = cli("plan", toy_safetensors, *SMALL, "--no-spectra", "--max-layer-error", "0.5")
+    assert r.code == 2 and "need spectra" in r.stderr
 
 
 def test_apply_writes_output_and_valid_report(cli, toy_pt, tmp_path):

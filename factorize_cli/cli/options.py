@@ -11,6 +11,7 @@ import typer
 
 SELECTION = "Selection (Composer's Factorize flags)"
 RANKS = "Ranks"
+COMPUTE = "Compute"
 GATES = "Gates (exit 1 when one fails; the report is still written)"
 INPUT = "Input"
 
@@ -67,6 +68,18 @@ def _shared_parameters() -> list[inspect.Parameter]:
         opt("min_param_reduction", Annotated[float | None, typer.Option(
             "--min-param-reduction", metavar="R", rich_help_panel=GATES,
             help="Fail if the checkpoint's parameters shrink by less than fraction R.")], None),
+        opt("svd", Annotated[str, typer.Option(
+            "--svd", metavar="ENGINE", rich_help_panel=COMPUTE,
+            help="auto (default: LAPACK SVD for small matrices, Gram eigendecomposition for large ones, "
+                 "checked to be within 0.1% of the optimal error) | exact | gram | randomized (seeded).")],
+            "auto"),
+        opt("device", Annotated[str, typer.Option(
+            "--device", metavar="DEVICE", rich_help_panel=COMPUTE,
+            help="cpu, or cuda[:N] to run the decompositions on a GPU (falls back to the CPU with a note).")],
+            "cpu"),
+        opt("seed", Annotated[int, typer.Option(
+            "--seed", rich_help_panel=COMPUTE, help="Seed of the randomized engine (results are reproducible).")],
+            0),
         opt("unsafe_pickle", Annotated[bool, typer.Option(
             "--unsafe-pickle", rich_help_panel=INPUT,
             help="Load torch.save files with full pickle: EXECUTES CODE FROM THE FILE. Only for files you trust.")],
@@ -101,7 +114,8 @@ def factorize_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def build_config(*, factorize_linears: bool, factorize_convs: bool, min_features: int, min_channels: int,
                  include: list[str], exclude: list[str], latent_features: str, latent_channels: str,
                  rank_policy: str, rank_multiple: int, rank_pins: list[str], max_layer_error: float | None,
-                 max_total_error: float | None, min_param_reduction: float | None) -> Any:
+                 max_total_error: float | None, min_param_reduction: float | None, svd: str, device: str,
+                 seed: int) -> Any:
     from factorize_cli.config import (FactorizeConfig, Gates, Latent, RankPin, RatioPolicy, SelectionConfig,
                                       parse_policy)
 
@@ -115,7 +129,21 @@ def build_config(*, factorize_linears: bool, factorize_convs: bool, min_features
         rank_multiple=rank_multiple,
         gates=Gates(max_layer_error=max_layer_error, max_total_error=max_total_error,
                     min_param_reduction=min_param_reduction),
+        svd=svd,
+        device=_device(device),
+        seed=seed,
     )
+
+
+def _device(requested: str) -> str:
+    import sys
+
+    from factorize_cli.pipeline import resolve_device
+
+    device, note = resolve_device(requested)
+    if note:
+        print(f"factorize: note: {note}", file=sys.stderr)
+    return device
 
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No table, no progress; errors only.")]

@@ -28,9 +28,10 @@ def plan(
                                                show_default=False)],
     config: Any = None,
     unsafe_pickle: bool = False,
-    spectra: Annotated[bool, typer.Option(
-        "--spectra/--no-spectra", help="Compute singular values to predict each layer's error "
-                                       "(--no-spectra skips them; weights are still scanned for NaN/Inf).")] = True,
+    spectra: Annotated[bool | None, typer.Option(
+        "--spectra/--no-spectra", show_default=False,
+        help="Read singular values to predict each layer's error and scan weights for NaN/Inf. Default: only "
+             "when the rank policy or an error gate needs them; otherwise the plan reads headers only.")] = None,
     json_out: JsonOut = False,
     report: ReportPath = None,
     quiet: Quiet = False,

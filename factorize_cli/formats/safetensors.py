@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable, Sequence
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from factorize_cli.errors import InputError, describe
 from factorize_cli.formats.base import Checkpoint, TensorInfo
@@ -47,59 +47,113 @@ class OutputTensor:
         return n
 
 
-class _SafetensorsReader:
-    def __init__(self, files: dict[str, Path]) -> None:
-        self._handles = {}
-        self._where: dict[str, str] = {}
-        self._file_order: dict[str, list[str]] = {}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+
+
+class _SafetensorsFile:
+    """One ``.safetensors`` file: a validated header and positional reads (``pread``).
+
+    Reads go through ``os.preadv`` into fresh tensors rather than a memory map, so the
+    process holds only the tensors in flight: reading a checkpoint end to end does not grow
+    the resident set with the file's pages. Reads are thread-safe (one reader thread
+    prefetches while the main thread computes).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
         try:
-            for name, path in files.items():
-                handle = safe_open(str(path), framework="pt", device="cpu")
-                self._handles[name] = handle
-                self._file_order[name] = _keys_in_file_order(path, handle.keys())
-        except Exception as e:
+            self._fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise InputError(f"{path}: cannot open ({e.strerror})") from e
+        try:
+            self.infos, self.metadata, self._spans = self._parse()
+        except BaseException:
             self.close()
-            raise InputError(f"{path}: not a readable safetensors file ({describe(e)})") from e
+            raise
+        self._by_key = {info.key: info for info in self.infos}
 
-    def infos(self, name: str) -> list[TensorInfo]:
-        handle = self._handles[name]
-        out = []
-        for key in self._file_order[name]:
-            piece = handle.get_slice(key)
-            dtype = piece.get_dtype()
+    def _bad(self, why: str) -> InputError:
+        return InputError(f"{self.path}: not a valid safetensors file: {why}")
+
+    def _parse(self) -> tuple[list[TensorInfo], dict[str, str], dict[str, tuple[int, int]]]:
+        size = os.fstat(self._fd).st_size
+        head = os.pread(self._fd, 8, 0)
+        if len(head) < 8:
+            raise self._bad("shorter than its 8-byte header length")
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_HEADER_BYTES or 8 + length > size:
+            raise self._bad(f"header claims {length} bytes but the file has {size}")
+        try:
+            header = json.loads(os.pread(self._fd, length, 8))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise self._bad(f"header is not JSON ({describe(e)})") from None
+        if not isinstance(header, dict):
+            raise self._bad("header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise self._bad("__metadata__ must map strings to strings")
+        data_start, data_size = 8 + length, size - 8 - length
+        spans = []
+        for key, entry in header.items():
+            try:
+                dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            except (TypeError, KeyError, ValueError):
+                raise self._bad(f"tensor {key!r} has a malformed entry") from None
             if dtype not in _TO_TORCH:
-                raise InputError(f"{key}: safetensors dtype {dtype} is not supported")
-            out.append(TensorInfo(key, tuple(piece.get_shape()), _TO_TORCH[dtype]))
-            self._where[key] = name
-        return out
-
-    def metadata(self, name: str) -> dict[str, str]:
-        return dict(self._handles[name].metadata() or {})
+                raise self._bad(f"tensor {key!r} has unsupported dtype {dtype!r}")
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+                raise self._bad(f"tensor {key!r} has a malformed shape {shape!r}")
+            nbytes = math.prod(shape) * getattr(torch, _TO_TORCH[dtype]).itemsize
+            if not (type(begin) is int and type(end) is int and 0 <= begin <= end <= data_size
+                    and end - begin == nbytes):
+                raise self._bad(f"tensor {key!r}: offsets [{begin}, {end}] do not fit shape {shape} {dtype} "
+                                f"in {data_size} data bytes")
+            spans.append((begin, end, key, TensorInfo(key, tuple(shape), _TO_TORCH[dtype])))
+        spans.sort(key=lambda s: (s[0], s[1], s[2]))
+        position = 0
+        for begin, end, key, _ in spans:
+            if begin != position and end != begin:  # empty tensors may sit anywhere
+                raise self._bad(f"tensor {key!r} does not start where the previous one ends")
+            position = max(position, end)
+        if position != data_size:
+            raise self._bad(f"data is {data_size} bytes but the tensors cover {position}")
+        offsets = {key: (data_start + begin, end - begin) for begin, end, key, _ in spans}
+        return [info for *_, info in spans], dict(metadata), offsets
 
     def get(self, key: str) -> torch.Tensor:
-        return self._handles[self._where[key]].get_tensor(key)
+        info = self._by_key[key]
+        start, nbytes = self._spans[key]
+        tensor = torch.empty(info.shape, dtype=getattr(torch, info.dtype))
+        view, done = _tensor_bytes(tensor), 0
+        while done < nbytes:
+            got = os.preadv(self._fd, [view[done:]], start + done)
+            if got <= 0:
+                raise InputError(f"{self.path}: file ended while reading {key}")
+            done += got
+        return tensor
 
     def close(self) -> None:
-        self._handles.clear()
+        fd, self._fd = getattr(self, "_fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
 
 
-def _keys_in_file_order(path: Path, keys: Iterable[str]) -> list[str]:
-    """Keys in the order their data lies in the file (``safe_open.keys()`` sorts them by name).
+class _ShardReader:
+    def __init__(self, files: dict[str, _SafetensorsFile]) -> None:
+        self.files = files
+        self._where = {info.key: name for name, f in files.items() for info in f.infos}
 
-    Called after ``safe_open`` has validated the header, so the header parses.
-    """
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    return sorted(keys, key=lambda k: (header[k]["data_offsets"][0], header[k]["data_offsets"][1], k))
+    def get(self, key: str) -> torch.Tensor:
+        return self.files[self._where[key]].get(key)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
 
 
 def open_safetensors_file(path: Path) -> Checkpoint:
-    reader = _SafetensorsReader({path.name: path})
-    infos = reader.infos(path.name)
-    return Checkpoint(path=str(path), format="safetensors", infos=infos, reader=reader,
-                      metadata=reader.metadata(path.name))
+    f = _SafetensorsFile(path)
+    return Checkpoint(path=str(path), format="safetensors", infos=f.infos, reader=f, metadata=f.metadata)
 
 
 def find_index(directory: Path) -> Path:
@@ -131,20 +185,30 @@ def open_sharded(directory: Path) -> Checkpoint:
         if not shard.is_file():
             raise InputError(f"{index_path}: shard {name} is missing")
         files[name] = shard
-    reader = _SafetensorsReader(files)
+    opened: dict[str, _SafetensorsFile] = {}
+    try:
+        for name, shard in files.items():
+            opened[name] = _SafetensorsFile(shard)
+    except BaseException:
+        for f in opened.values():
+            f.close()
+        raise
+    reader = _ShardReader(opened)
     infos: list[TensorInfo] = []
     shard_of: dict[str, str] = {}
-    for name in files:  # validate every shard against the index before any work
-        for info in reader.infos(name):
+    for name, f in opened.items():  # validate every shard against the index before any work
+        for info in f.infos:
             if weight_map.get(info.key) != name:
+                reader.close()
                 raise InputError(f"{index_path}: tensor {info.key} is in shard {name} "
                                  f"but the index says {weight_map.get(info.key)!r}")
             infos.append(info)
             shard_of[info.key] = name
     missing = sorted(set(weight_map) - set(shard_of))
     if missing:
+        reader.close()
         raise InputError(f"{index_path}: {len(missing)} indexed tensors are in no shard, e.g. {missing[0]}")
-    metadata = reader.metadata(next(iter(files))) if files else {}
+    metadata = next(iter(opened.values())).metadata if opened else {}
     return Checkpoint(path=str(directory), format="safetensors-sharded", infos=infos, reader=reader,
                       metadata=metadata, shard_of=shard_of)
 

@@ -1,0 +1,114 @@
+"""SVD engines: auto picks per layer and stays within 0.1% of the optimum; seeded and reproducible."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from factorize_cli.factorization import (choose_engine, factorize_checked, low_rank_factors, singular_values)
+from factorize_cli.geometry import Geometry, LayerKind
+from tests.conftest import decaying_matrix, optimum_error
+
+
+def geo(shape):
+    return Geometry.from_weight_shape(LayerKind.from_ndim(len(shape)), shape, has_bias=False)
+
+
+def test_auto_picks_by_shape():
+    assert choose_engine(geo((384, 1536))) == "exact"
+    assert choose_engine(geo((768, 1536))) == "gram"
+    assert choose_engine(geo((5632, 2048))) == "gram"
+    assert choose_engine(geo((64, 32, 3, 3))) == "exact"
+
+
+@pytest.mark.parametrize("shape,alpha", [((768, 1536), 0.7), ((1536, 768), 0.3), ((1024, 1024), 0.0)])
+def test_auto_gram_is_within_a_thousandth_of_the_optimum(shape, alpha):
+    w = decaying_matrix(*shape, alpha=alpha, seed=3) if alpha else torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    rank = min(shape) // 4
+    outcome = factorize_checked(w, geo(shape), rank)
+    best = optimum_error(w, rank)
+    assert outcome.engine == "gram"
+    assert best <= outcome.achieved_error <= best * (1 + 1e-3)
+    assert outcome.factors.stats.relative_error == pytest.approx(best, rel=1e-4)  # spectrum from the Gram
+
+
+def test_auto_falls_back_when_float32_gram_cannot_resolve_the_error():
+    w = decaying_matrix(768, 1536, alpha=2.0, seed=4)  # almost nothing is dropped at rank 300
+    outcome = factorize_checked(w, geo((768, 1536)), 300)
+    best = optimum_error(w, 300)
+    assert best < 1e-3 and outcome.engine == "gram-float64"
+    assert outcome.factors.engine_error == pytest.approx(best, rel=1e-3)
+    # an optimum below what a float64 Gram matrix resolves goes to LAPACK
+    steep = decaying_matrix(768, 1536, alpha=4.0, seed=4)
+    assert optimum_error(steep, 700) < 1e-6
+    assert factorize_checked(steep, geo((768, 1536)), 700).engine == "exact"
+
+
+def test_bf16_weights_through_gram():
+    w = decaying_matrix(1024, 1536, alpha=0.6, seed=5).to(torch.bfloat16)
+    outcome = factorize_checked(w, geo((1024, 1536)), 256)
+    best = optimum_error(w, 256)
+    assert outcome.factors.first.dtype == torch.bfloat16
+    assert outcome.factors.engine_error <= best * (1 + 1e-3)  # the engine itself is near-optimal
+    assert outcome.achieved_error <= best * 1.01  # plus bf16 rounding of the stored factors
+
+
+def test_randomized_is_seeded_and_near_optimal():
+    w = decaying_matrix(1024, 2048, alpha=0.8, seed=6)
+    g = geo((1024, 2048))
+    a = low_rank_factors(w, g, 64, engine="randomized", seed=1)
+    b = low_rank_factors(w, g, 64, engine="randomized", seed=1)
+    c = low_rank_factors(w, g, 64, engine="randomized", seed=2)
+    assert torch.equal(a.first, b.first) and torch.equal(a.second, b.second)
+    assert not torch.equal(a.first, c.first)
+    best = optimum_error(w, 64)
+    for f in (a, c):
+        assert f.engine_error <= best * (1 + 1e-3)
+        assert f.stats.relative_error == pytest.approx(f.engine_error, rel=1e-4)  # from the partial spectrum
+
+
+def test_gram_spectrum_matches_exact():
+    w = decaying_matrix(600, 2000, alpha=0.5, seed=7)
+    exact = singular_values(w, geo((600, 2000)), engine="exact")
+    gram = singular_values(w, geo((600, 2000)), engine="gram")
+    assert torch.allclose(gram[:300], exact[:300], rtol=1e-4)
+    assert float(gram.square().sum()) == pytest.approx(float(exact.square().sum()), rel=1e-5)
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("engine", ["auto", "randomized"])
+def test_two_runs_give_identical_bytes(cli, tmp_path, engine):
+    from safetensors.torch import save_file
+
+    sd = {"big.weight": decaying_matrix(768, 1536, seed=8), "small.weight": decaying_matrix(96, 64, seed=9),
+          "conv.weight": decaying_matrix(64, 32 * 9, seed=10).reshape(64, 32, 3, 3)}
+    save_file(sd, str(tmp_path / "in.safetensors"))
+    reports = []
+    for name in ("a", "b"):
+        r = cli("apply", tmp_path / "in.safetensors", tmp_path / f"{name}.safetensors", "--min-features", "32",
+                "--min-channels", "32", "--svd", engine, "--seed", "5", "-q")
+        assert r.code == 0, r.stderr
+        report = json.loads((tmp_path / f"{name}.factorize.json").read_text())
+        del report["timing"], report["output"]
+        reports.append(report)
+    assert sha(tmp_path / "a.safetensors") == sha(tmp_path / "b.safetensors")
+    assert reports[0] == reports[1]
+    engines = {e["name"]: e["engine"] for e in reports[0]["layers"] if e["action"] == "factorize"}
+    if engine == "auto":
+        assert engines == {"big": "gram", "small": "exact", "conv": "exact"}
+
+
+def test_cuda_request_without_cuda_falls_back_with_a_note(cli, toy_safetensors, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = cli("apply", toy_safetensors, tmp_path / "o.safetensors", "--min-features", "32", "--min-channels", "32",
+            "--device", "cuda")
+    assert r.code == 0 and "CUDA is not available here; computing on the CPU" in r.stderr
+    r = cli("plan", toy_safetensors, "--device", "tpu")
+    assert r.code == 2 and "--device 'tpu'" in r.stderr
