@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 EXAMPLE := build/example/model.safetensors
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,9 @@ demo: install $(EXAMPLE)
 
 test: install
 	$(PY) -m pytest -q
+
+bench: install
+	$(PY) scripts/bench.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -18,7 +18,9 @@ def geo(shape):
 
 
 def test_auto_picks_by_shape():
-    assert choose_engine(geo((384, 1536))) == "exact"
+    assert choose_engine(geo((384, 384))) == "exact"
+    assert choose_engine(geo((200, 4096))) == "exact"
+    assert choose_engine(geo((384, 1536))) == "gram"
     assert choose_engine(geo((768, 1536))) == "gram"
     assert choose_engine(geo((5632, 2048))) == "gram"
     assert choose_engine(geo((64, 32, 3, 3))) == "exact"
