@@ -34,9 +34,10 @@ class GateError(FactorizeError):
 
     exit_code = 1
 
-    def __init__(self, violations: list[str]) -> None:
+    def __init__(self, violations: list[str], report: dict | None = None) -> None:
         super().__init__("; ".join(violations))
         self.violations = list(violations)
+        self.report = report  # the report that holds the violations
 
 
 def describe(e: BaseException, limit: int = 200) -> str:

@@ -31,6 +31,12 @@ Decomposition = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 Engine = Callable[[torch.Tensor, int, int], Decomposition]
 
 
+def sum_squares(t: torch.Tensor, rows: int = 256) -> float:
+    """``sum(t^2)`` accumulated in float64, a block of rows at a time (no float64 copy of a big matrix)."""
+    t = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
+    return sum(float(block.to(torch.float64).square().sum()) for block in t.split(rows))
+
+
 def exact_svd(a: torch.Tensor, rank: int, seed: int = 0) -> Decomposition:
     u, s, vh = torch.linalg.svd(a.to(torch.float64), full_matrices=False)
     return u[:, :rank], s[:rank, None] * vh[:rank], s
@@ -50,7 +56,7 @@ def randomized_svd(a: torch.Tensor, rank: int, seed: int = 0, *, max_power: int 
     gen = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(n, k, generator=gen, dtype=a.dtype).to(a.device)
     q = torch.linalg.qr(a @ omega).Q
-    total = float(a.to(torch.float64).square().sum())
+    total = sum_squares(a)
     captured_before = -1.0
     for _ in range(max_power + 1):
         b = q.T @ a
@@ -138,8 +144,8 @@ def low_rank_factors(weight: torch.Tensor, geometry: Geometry, rank: int, *, eng
     first = first.reshape(first_shape).to(device="cpu", dtype=weight.dtype)
     second = second.reshape(second_shape).to(device="cpu", dtype=weight.dtype)
     sigma = sigma.to(device="cpu", dtype=torch.float64)
-    total = float(a.to(torch.float64).square().sum())
-    captured = float(p.to(torch.float64).square().sum())  # u is orthonormal: ||a - u p||^2 = ||a||^2 - ||p||^2
+    total = sum_squares(a)
+    captured = sum_squares(p)  # u is orthonormal: ||a - u p||^2 = ||a||^2 - ||p||^2
     engine_error = math.sqrt(max(total - captured, 0.0) / total) if total else 0.0
     norm = math.sqrt(total) if len(sigma) < geometry.max_rank else None  # completes a partial spectrum
     return Factors(first.contiguous(), second.contiguous(), sigma, spectrum_stats(sigma, rank, norm), engine,
@@ -173,11 +179,11 @@ def factors_error(weight: torch.Tensor, first: torch.Tensor, second: torch.Tenso
     w = as_matrix(weight, geometry).to(device=device, dtype=dtype)
     a = second.reshape(geometry.out_features, rank).to(device=device, dtype=dtype)
     b = first.reshape(rank, geometry.fan_in).to(device=device, dtype=dtype)
-    total = float(w.to(torch.float64).square().sum())
+    total = sum_squares(w)
     if total == 0.0:
         return 0.0
-    cross = float(((a.T @ w) * b).to(torch.float64).sum())
-    square = float(((a.T @ a) * (b @ b.T)).to(torch.float64).sum())
+    cross = float(((a.T @ w) * b).sum(dtype=torch.float64))
+    square = float(((a.T @ a) * (b @ b.T)).sum(dtype=torch.float64))
     return math.sqrt(max(total - 2.0 * cross + square, 0.0) / total)
 
 

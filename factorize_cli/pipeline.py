@@ -152,7 +152,8 @@ def _timing(started: datetime, t0: float) -> dict[str, Any]:
 
 
 def plan_checkpoint(path: str | Path, config: FactorizeConfig, *, spectra: bool | None = None,
-                    unsafe_pickle: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+                    unsafe_pickle: bool = False, progress: Progress | None = None,
+                    label: str | None = None) -> dict[str, Any]:
     """Dry run: the report ``apply`` would produce.
 
     ``spectra=None`` reads singular values only when the policy or an error gate needs them;
@@ -170,8 +171,11 @@ def plan_checkpoint(path: str | Path, config: FactorizeConfig, *, spectra: bool 
         output_layout(checkpoint, plan)  # the same validation apply does (key collisions)
         notes = [] if wanted or config.needs_spectra else \
             ["headers only: weights were not read (no NaN/Inf check, no predicted error); pass --spectra"]
-        return build_report(command="plan", checkpoint=checkpoint, plan=plan, results={}, output=None,
-                            notes=notes, timing=_timing(started, t0))
+        report = build_report(command="plan", checkpoint=checkpoint, plan=plan, results={}, output=None,
+                              notes=notes, timing=_timing(started, t0))
+    if label is not None:
+        report["input"]["path"] = label
+    return report
 
 
 def resolve_device(requested: str) -> tuple[str, str | None]:
@@ -197,12 +201,12 @@ def _check_device(config: FactorizeConfig) -> None:
 
 def raise_for_gates(report: dict[str, Any]) -> None:
     if not report["gates"]["passed"]:
-        raise GateError(report["gates"]["violations"])
+        raise GateError(report["gates"]["violations"], report)
 
 
 def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConfig, *, force: bool = False,
                      report_path: str | Path | None = None, unsafe_pickle: bool = False,
-                     progress: Progress | None = None) -> dict[str, Any]:
+                     progress: Progress | None = None, label: str | None = None) -> dict[str, Any]:
     """Factorize ``path`` into ``output`` and write the JSON report; returns the report.
 
     When a gate fails the report is written, the output is not, and :class:`GateError` is raised.
@@ -226,9 +230,12 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
                        "tensors": len(layout), "written": False}
 
         def report_now(results: dict[str, LayerResult]) -> dict[str, Any]:
-            return build_report(command="apply", checkpoint=checkpoint, plan=plan, results=results,
-                                output=destination, notes=_format_notes(checkpoint, kind),
-                                timing=_timing(started, t0))
+            report = build_report(command="apply", checkpoint=checkpoint, plan=plan, results=results,
+                                  output=destination, notes=_format_notes(checkpoint, kind),
+                                  timing=_timing(started, t0))
+            if label is not None:
+                report["input"]["path"] = label
+            return report
 
         if config.needs_spectra:  # predictions exist: fail a gate before any SVD work
             early = report_now({})

@@ -106,16 +106,14 @@ def build(path: Path, spec, dtype: torch.dtype) -> Path:
 
 
 def run(cmd: list[str], log: Path) -> tuple[float, int]:
-    """Wall time and peak RSS (bytes) of a command in a fresh process."""
+    """Wall time and peak RSS (bytes) of a command in a fresh process, launched by scripts/measure.py."""
     with open(log, "w") as out:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}")
-    return seconds, usage.ru_maxrss * 1024
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "measure.py"), "--", *cmd], stdout=out,
+                       stderr=subprocess.STDOUT, cwd=ROOT, check=False)
+    result = json.loads(log.read_text().strip().splitlines()[-1])
+    if result["exit_code"] != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({result['exit_code']}); see {log}")
+    return result["seconds"], result["max_rss"]
 
 
 def optimum_errors(path: Path, report: dict) -> dict[str, float]:

@@ -106,7 +106,7 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
     from safetensors.torch import save_file
     save_file(toy_state_dict(), str(st))
     (tmp / "noindex").mkdir()
-    _write(tmp / "noindex" / "a.safetensors", st.read_bytes())
+    _write(tmp / "noindex" / "README.md", b"weights went elsewhere")
     evil = tmp / "evil.pt"
     torch.save({"state_dict": toy_state_dict(), "thing": NotAWeight()}, evil)
     return {
@@ -115,7 +115,7 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
         "truncated-pt": (_write(tmp / "trunc.pt", good.read_bytes()[: len(good.read_bytes()) // 2]),
                          "not a readable torch.save file|damaged zip"),
         "truncated-st": (_write(tmp / "trunc.safetensors", st.read_bytes()[:-100]), "safetensors"),
-        "no-index": (tmp / "noindex", "no \\*.safetensors.index.json"),
+        "no-index": (tmp / "noindex", "no checkpoints found"),
         "text": (_write(tmp / "notes.txt", b"hello, this is not a checkpoint\n"), "not a checkpoint"),
         "pickle-refused": (evil, "--unsafe-pickle"),
         "not-a-state-dict": (_write(tmp / "list.pt", _saved([1, 2, 3])), "not a state dict"),
@@ -161,7 +161,7 @@ def test_unsafe_pickle_opt_in_loads_it(cli, tmp_path):
     (["plan", "x.pt", "--latent-features", "2.5"], "neither a fraction"),
     (["plan", "x.pt", "--latent-channels", "zero"], "not a number"),
     (["plan", "x.pt", "--min-features", "0"], "min-features"),
-    (["apply", "x.pt"], "Missing argument"),
+    (["apply", "x.pt"], "needs CHECKPOINT... OUTPUT"),
     (["apply", "IN", "out.onnx"], "cannot tell the output format"),
     (["frobnicate"], "No such command"),
     (["plan", "x.pt", "--bogus"], "No such option"),

@@ -6,43 +6,59 @@ from typing import Annotated, Any
 import typer
 
 from factorize_cli.cli import app
-from factorize_cli.cli.options import JsonOut, Quiet, ReportPath, factorize_options
+from factorize_cli.cli.options import Globs, Jsonl, JsonOut, Quiet, ReportPath, factorize_options
 
 EPILOG = """\
 Examples:
 
   factorize apply model.pt model.lowrank.pt --latent-channels 0.25
 
-  factorize apply model.safetensors small.safetensors --min-features 256 --latent-features 0.3
-
-  factorize apply shards/ shards-lowrank/ --exclude 'lm_head' --force
-
   factorize apply model.safetensors small.safetensors --rank-policy energy:0.9 --rank-multiple 8
+
+  factorize apply shards/ shards-lowrank/ --exclude 'lm_head'      (a sharded directory)
+
+  factorize apply ckpts/ small/ --jsonl                            (mirror every checkpoint under ckpts/)
+
+  cat model.safetensors | factorize apply - small.safetensors
 """
 
 
 @app.command(epilog=EPILOG)
 @factorize_options
 def apply(
-    checkpoint: Annotated[Path, typer.Argument(help="A torch.save file, a .safetensors file or a sharded directory.",
-                                               show_default=False)],
-    output: Annotated[Path, typer.Argument(
-        help="Where to write: .safetensors, .pt/.pth/.bin (keeps the input's container), or a directory "
-             "(sharded safetensors).", show_default=False)],
+    checkpoints: Annotated[list[str], typer.Argument(
+        metavar="CHECKPOINT... OUTPUT", show_default=False,
+        help="Inputs (files, sharded directories, folders to search, or - for stdin), then where to write: "
+             ".safetensors, .pt/.pth/.bin/.ckpt (keeps the input's container), or a directory (sharded "
+             "safetensors). Several inputs or a searched folder: OUTPUT is a folder mirroring their paths.")],
     config: Any = None,
     unsafe_pickle: bool = False,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace existing outputs.")] = False,
+    globs: Globs = None,
     report: ReportPath = None,
     json_out: JsonOut = False,
+    jsonl: Jsonl = False,
     quiet: Quiet = False,
 ) -> None:
-    """Factorize the selected layers; write the checkpoint atomically, and its JSON report."""
-    from factorize_cli.cli.render import RichProgress, show
+    """Factorize the selected layers; write each checkpoint atomically, with its JSON report."""
+    from factorize_cli.batch import DEFAULT_GLOBS, apply_jobs, materialized
+    from factorize_cli.cli.plan import _single_only
+    from factorize_cli.cli.render import RichProgress
+    from factorize_cli.cli.run import run_jobs
+    from factorize_cli.errors import UsageError
     from factorize_cli.pipeline import apply_checkpoint
-    from factorize_cli.report import dumps
 
-    result = apply_checkpoint(checkpoint, output, config, force=force, report_path=report,
-                              unsafe_pickle=unsafe_pickle, progress=RichProgress(enabled=not quiet))
-    show(result, quiet=quiet)
-    if json_out:
-        print(dumps(result), end="")
+    if len(checkpoints) < 2:
+        raise UsageError("apply needs CHECKPOINT... OUTPUT (see 'factorize apply --help')")
+    *inputs, output = checkpoints
+    jobs = apply_jobs(inputs, Path(output), tuple(globs or DEFAULT_GLOBS))
+    _single_only(len(jobs), json_out=json_out, report=report)
+
+    def work(job):
+        job.output.parent.mkdir(parents=True, exist_ok=True)
+        with materialized(job.source) as path:
+            return apply_checkpoint(path, job.output, config, force=force, report_path=report,
+                                    unsafe_pickle=unsafe_pickle, progress=RichProgress(enabled=not quiet),
+                                    label="<stdin>" if job.source == "-" else None)
+
+    raise typer.Exit(run_jobs(jobs, work, quiet=quiet, jsonl=jsonl, json_out=json_out))

@@ -147,5 +147,10 @@ def _device(requested: str) -> str:
 
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No table, no progress; errors only.")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout (one checkpoint).")]
+Jsonl = Annotated[bool, typer.Option("--jsonl", help="Print one JSON object per checkpoint on stdout: input, status, "
+                                                     "exit_code, output, report, totals, gates, error.")]
+Globs = Annotated[list[str] | None, typer.Option(
+    "--glob", metavar="PATTERN", show_default=False,
+    help="File patterns to pick in searched folders (repeatable; default *.safetensors *.pt *.pth *.bin *.ckpt).")]
 ReportPath = Annotated[str | None, typer.Option("--report", metavar="PATH", help="Write the JSON report here.")]

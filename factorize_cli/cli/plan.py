@@ -6,7 +6,7 @@ from typing import Annotated, Any
 import typer
 
 from factorize_cli.cli import app
-from factorize_cli.cli.options import JsonOut, Quiet, ReportPath, factorize_options
+from factorize_cli.cli.options import Globs, Jsonl, JsonOut, Quiet, ReportPath, factorize_options
 
 EPILOG = """\
 Examples:
@@ -15,39 +15,59 @@ Examples:
 
   factorize plan ckpt.pt --min-features 256 --latent-features 0.3 --json | jq .totals
 
-  factorize plan shards/ --exclude 'lm_head' --report plan.json
-
   factorize plan model.safetensors --rank-policy params:0.8 --max-total-error 0.3   (a CI gate)
+
+  factorize plan ckpts/ --jsonl | jq -c '{input, status}'          (every checkpoint under ckpts/)
+
+  curl -sL https://example.com/model.safetensors | factorize plan -
 """
 
 
 @app.command(epilog=EPILOG)
 @factorize_options
 def plan(
-    checkpoint: Annotated[Path, typer.Argument(help="A torch.save file, a .safetensors file or a sharded directory.",
-                                               show_default=False)],
+    checkpoints: Annotated[list[str], typer.Argument(
+        metavar="CHECKPOINT...", show_default=False,
+        help="torch.save files, .safetensors files, sharded directories, folders to search, or - for stdin.")],
     config: Any = None,
     unsafe_pickle: bool = False,
     spectra: Annotated[bool | None, typer.Option(
         "--spectra/--no-spectra", show_default=False,
         help="Read singular values to predict each layer's error and scan weights for NaN/Inf. Default: only "
              "when the rank policy or an error gate needs them; otherwise the plan reads headers only.")] = None,
+    globs: Globs = None,
     json_out: JsonOut = False,
+    jsonl: Jsonl = False,
     report: ReportPath = None,
     quiet: Quiet = False,
 ) -> None:
     """Show which layers would be factorized, at what rank, and the predicted error (writes nothing)."""
     from factorize_cli.atomic import write_text_atomic
-    from factorize_cli.cli.render import RichProgress, show
+    from factorize_cli.batch import DEFAULT_GLOBS, materialized, plan_jobs
+    from factorize_cli.cli.render import RichProgress
+    from factorize_cli.cli.run import run_jobs
+    from factorize_cli.errors import GateError
     from factorize_cli.pipeline import plan_checkpoint, raise_for_gates
     from factorize_cli.report import dumps
 
-    result = plan_checkpoint(checkpoint, config, spectra=spectra, unsafe_pickle=unsafe_pickle,
-                             progress=RichProgress(enabled=not quiet))
-    text = dumps(result)
-    if report:
-        write_text_atomic(Path(report), text)
-    show(result, quiet=quiet)
-    if json_out:
-        print(text, end="")
-    raise_for_gates(result)
+    jobs = plan_jobs(checkpoints, tuple(globs or DEFAULT_GLOBS))
+    _single_only(len(jobs), json_out=json_out, report=report)
+
+    def work(job):
+        with materialized(job.source) as path:
+            result = plan_checkpoint(path, config, spectra=spectra, unsafe_pickle=unsafe_pickle,
+                                     progress=RichProgress(enabled=not quiet),
+                                     label="<stdin>" if job.source == "-" else None)
+        if report:
+            write_text_atomic(Path(report), dumps(result))
+        raise_for_gates(result)
+        return result
+
+    raise typer.Exit(run_jobs(jobs, work, quiet=quiet, jsonl=jsonl, json_out=json_out))
+
+
+def _single_only(count: int, *, json_out: bool, report: str | None) -> None:
+    from factorize_cli.errors import UsageError
+
+    if count > 1 and (json_out or report):
+        raise UsageError("--json and --report take one checkpoint; use --jsonl for several")
