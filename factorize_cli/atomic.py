@@ -1,7 +1,8 @@
 """Atomic writes: build the output under a temporary name in the destination folder, then rename.
 
 On any failure (an exception, Ctrl-C) the temporary is removed and nothing appears at
-the destination; a process killed outright leaves only a dot-named temporary.
+the destination; a process killed outright leaves only a dot-named temporary, which the
+next write to the same destination removes.
 """
 
 from __future__ import annotations
@@ -21,9 +22,34 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(dest: Path) -> None:
+    """Remove temporaries that a killed run (SIGKILL, power loss) left beside ``dest``."""
+    prefix = f".{dest.name}.tmp-"
+    try:
+        entries = list(dest.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.startswith(prefix):
+            pid = entry.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                _remove(entry)
+
+
 @contextmanager
 def atomic_path(dest: Path, *, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success it replaces ``dest``."""
+    sweep_stale(dest)
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     if directory:
         tmp.mkdir()

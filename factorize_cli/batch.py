@@ -67,7 +67,7 @@ def discover(inputs: Sequence[str], globs: Sequence[str] = DEFAULT_GLOBS) -> tup
         path = Path(raw)
         if path.is_dir() and not _is_sharded(path):
             mirror = True
-            hits = list(_search(path, globs))
+            hits = sorted(_search(path, globs))
             if not hits:
                 raise InputError(f"{path}: no checkpoints found (looked for {', '.join(globs)})")
             base = path if len(inputs) == 1 else path.parent

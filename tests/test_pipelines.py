@@ -1,0 +1,120 @@
+"""Many checkpoints in one run: discovery, mirroring, JSON lines, exit codes, stdin."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import SMALL, toy_state_dict
+from tests.test_formats import make_sharded
+
+FACTORIZE = [sys.executable, "-m", "factorize_cli"]
+
+
+@pytest.fixture
+def ckpts(tmp_path: Path) -> Path:
+    root = tmp_path / "ckpts"
+    (root / "sub").mkdir(parents=True)
+    sd = toy_state_dict()
+    save_file(sd, str(root / "a.safetensors"))
+    torch.save({"state_dict": sd, "epoch": 3}, root / "sub" / "b.pt")
+    make_sharded(root / "sharded", sd, [list(sd)[:4], list(sd)[4:]])
+    (root / "notes.txt").write_text("not a checkpoint")
+    return root
+
+
+def test_folder_is_mirrored(cli, ckpts, tmp_path):
+    out = tmp_path / "small"
+    r = cli("apply", ckpts, out, *SMALL, "--jsonl", "-q")
+    assert r.code == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [line["input"] for line in lines] == [str(ckpts / "a.safetensors"), str(ckpts / "sharded"),
+                                                 str(ckpts / "sub" / "b.pt")]  # sorted, sharded dir as one
+    assert all(line["status"] == "ok" and line["exit_code"] == 0 for line in lines)
+    assert load_file(str(out / "a.safetensors"))["fc1.module0.weight"].shape == (16, 64)
+    assert (out / "sharded" / "model.safetensors.index.json").exists()
+    assert torch.load(out / "sub" / "b.pt", weights_only=True)["epoch"] == 3
+    assert (out / "sub" / "b.factorize.json").exists() and (out / "a.factorize.json").exists()
+    assert lines[0]["output"] == str(out / "a.safetensors") and lines[0]["totals"]["factorized"] == 3
+
+
+def test_glob_selects_files(cli, ckpts):
+    r = cli("plan", ckpts, "--glob", "*.pt", "--jsonl", "-q")
+    assert r.code == 0
+    # the sharded directory is a checkpoint whatever the file pattern
+    assert [json.loads(x)["input"] for x in r.stdout.splitlines()] == [str(ckpts / "sharded"),
+                                                                       str(ckpts / "sub" / "b.pt")]
+
+
+def test_one_bad_input_does_not_stop_the_others(cli, ckpts, tmp_path):
+    (ckpts / "broken.safetensors").write_bytes(b"\x00" * 40)
+    r = cli("apply", ckpts, tmp_path / "out", *SMALL, "--jsonl", "-q", "--max-layer-error", "0.9")
+    assert r.code == 2
+    lines = {Path(x["input"]).name: x for x in map(json.loads, r.stdout.splitlines())}
+    assert lines["broken.safetensors"]["status"] == "error" and "not a" in lines["broken.safetensors"]["error"]
+    assert lines["a.safetensors"]["status"] == "ok" and lines["b.pt"]["status"] == "ok"
+    assert (tmp_path / "out" / "a.safetensors").exists() and not (tmp_path / "out" / "broken.safetensors").exists()
+    assert "4 checkpoints: 3 done, 0 failed a gate, 1 failed" in r.stderr
+
+
+def test_exit_code_is_the_worst(cli, ckpts, tmp_path):
+    r = cli("plan", ckpts / "a.safetensors", ckpts / "sub" / "b.pt", *SMALL, "--max-layer-error", "0.01", "-q")
+    assert r.code == 1 and r.stderr.count("gate failed") >= 2
+    r = cli("plan", ckpts / "a.safetensors", tmp_path / "missing.pt", *SMALL, "--max-layer-error", "0.01", "-q")
+    assert r.code == 2
+
+
+def test_several_inputs_keep_their_names(cli, ckpts, tmp_path):
+    r = cli("apply", ckpts / "a.safetensors", ckpts / "sub" / "b.pt", tmp_path / "out", *SMALL, "-q")
+    assert r.code == 0 and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "a.factorize.json", "a.safetensors", "b.factorize.json", "b.pt"]
+
+
+def test_name_collisions_and_single_only_options_are_usage_errors(cli, ckpts, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file(toy_state_dict(), str(other / "a.safetensors"))
+    r = cli("apply", ckpts / "a.safetensors", other / "a.safetensors", tmp_path / "out")
+    assert r.code == 2 and "would both be written" in r.stderr
+    r = cli("plan", ckpts, "--json")
+    assert r.code == 2 and "--jsonl" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch"])
+def test_stdin(ckpts, tmp_path, kind):
+    source = ckpts / ("a.safetensors" if kind == "safetensors" else "sub/b.pt")
+    data = source.read_bytes()
+    r = subprocess.run([*FACTORIZE, "plan", "-", *SMALL, "--json", "-q"], input=data, capture_output=True)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["input"]["path"] == "<stdin>" and report["totals"]["factorized"] == 3
+    out = tmp_path / f"from-stdin{source.suffix}"
+    r = subprocess.run([*FACTORIZE, "apply", "-", str(out), *SMALL, "-q"], input=data, capture_output=True)
+    assert r.returncode == 0, r.stderr
+    assert out.exists() and (tmp_path / "from-stdin.factorize.json").exists()
+
+
+def readme_pipeline_block() -> list[str]:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Use in CI and pipelines", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_readme_pipeline_examples_run(ckpts, tmp_path):
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", NO_COLOR="1")
+    lines = readme_pipeline_block()
+    assert len(lines) >= 4
+    for line in lines:
+        r = subprocess.run(["bash", "-c", f"set -o pipefail; {line}"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True)
+        assert r.returncode == 0, f"{line}\n{r.stderr}"
+    results = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {x["status"] for x in results} == {"ok"} and len(results) == 3
