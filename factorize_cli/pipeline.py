@@ -130,8 +130,9 @@ def execute(checkpoint: Checkpoint, layout: list[Placed], config: FactorizeConfi
             outcome = factorize_checked(weight, layer.geometry, layer.rank, engine=config.svd,
                                         seed=layer_seed(config.seed, layer.name), device=config.device)
             factors = outcome.factors
+            full = len(factors.sigma) == layer.geometry.max_rank
             results[layer.name] = LayerResult(outcome.achieved_error, factors.stats.energy_kept,
-                                              factors.stats.norm, outcome.engine)
+                                              factors.stats.norm, outcome.engine, factors.sigma if full else None)
             del weight, outcome
             progress.advance(layer.name)
             yield factors.first

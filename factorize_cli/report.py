@@ -18,6 +18,7 @@ from factorize_cli.formats.base import Checkpoint
 from factorize_cli.config import Gates
 from factorize_cli.factorization import spectrum_stats
 from factorize_cli.planning import LayerPlan, Plan
+from factorize_cli.tradeoff import CurveLayer, budget_curve, chosen_point, sample_spectrum, uniform_curve
 
 SCHEMA_VERSION = 1
 
@@ -30,10 +31,18 @@ class LayerResult:
     energy_kept: float
     norm: float
     engine: str
+    spectrum: Any = None  # every singular value, when the engine computed them all (a float64 tensor)
+
+
+def _spectrum(layer: LayerPlan, result: LayerResult | None) -> Any:
+    if result is not None and result.spectrum is not None:
+        return result.spectrum
+    return layer.spectrum
 
 
 def _layer_entry(layer: LayerPlan, result: LayerResult | None) -> dict[str, Any]:
     geo, cand = layer.geometry, layer.candidate
+    sigma = _spectrum(layer, result)
     done = layer.factorized
     rank = layer.rank if done else None
     predicted = spectrum_stats(layer.spectrum, rank) if done and layer.spectrum is not None else None
@@ -66,6 +75,8 @@ def _layer_entry(layer: LayerPlan, result: LayerResult | None) -> dict[str, Any]
         "energy_kept": energy,
         "norm": norm,
         "engine": result.engine if result else None,
+        "spectrum_sample": sample_spectrum(sigma, [m for m in (rank, geo.break_even_rank) if m])
+        if sigma is not None else None,
     }
 
 
@@ -88,8 +99,24 @@ def build_report(*, command: str, checkpoint: Checkpoint, plan: Plan, results: d
         "layers": layers,
         "totals": totals,
         "gates": evaluate_gates(plan.config.gates, layers, totals),
+        "tradeoff": _tradeoff(plan, results),
         "notes": list(plan.notes) + notes,
         "timing": timing,
+    }
+
+
+def _tradeoff(plan: Plan, results: dict[str, LayerResult]) -> dict[str, Any] | None:
+    """Error-versus-size curves over the factorized layers, when all their spectra are known."""
+    done = plan.to_factorize
+    spectra = [_spectrum(layer, results.get(layer.name)) for layer in done]
+    if not done or any(s is None for s in spectra):
+        return None
+    layers = [CurveLayer(layer.geometry, s) for layer, s in zip(done, spectra)]
+    return {
+        "layers": [layer.name for layer in done],
+        "budget_curve": budget_curve(layers, plan.config.rank_multiple),
+        "uniform_curve": uniform_curve(layers),
+        "chosen": chosen_point(layers, [layer.rank for layer in done]),
     }
 
 

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 import typer
 
 from factorize_cli.cli import app
-from factorize_cli.cli.options import Globs, Jsonl, JsonOut, Quiet, ReportPath, factorize_options
+from factorize_cli.cli.options import Globs, HtmlPath, Jsonl, JsonOut, Quiet, ReportPath, factorize_options
 
 EPILOG = """\
 Examples:
@@ -36,13 +36,14 @@ def apply(
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace existing outputs.")] = False,
     globs: Globs = None,
     report: ReportPath = None,
+    html: HtmlPath = None,
     json_out: JsonOut = False,
     jsonl: Jsonl = False,
     quiet: Quiet = False,
 ) -> None:
     """Factorize the selected layers; write each checkpoint atomically, with its JSON report."""
     from factorize_cli.batch import DEFAULT_GLOBS, apply_jobs, materialized
-    from factorize_cli.cli.plan import _single_only
+    from factorize_cli.cli.plan import _single_only, write_html
     from factorize_cli.cli.render import RichProgress
     from factorize_cli.cli.run import run_jobs
     from factorize_cli.errors import UsageError
@@ -52,13 +53,15 @@ def apply(
         raise UsageError("apply needs CHECKPOINT... OUTPUT (see 'factorize apply --help')")
     *inputs, output = checkpoints
     jobs = apply_jobs(inputs, Path(output), tuple(globs or DEFAULT_GLOBS))
-    _single_only(len(jobs), json_out=json_out, report=report)
+    _single_only(len(jobs), json_out=json_out, report=report, html=html)
 
     def work(job):
         job.output.parent.mkdir(parents=True, exist_ok=True)
         with materialized(job.source) as path:
-            return apply_checkpoint(path, job.output, config, force=force, report_path=report,
-                                    unsafe_pickle=unsafe_pickle, progress=RichProgress(enabled=not quiet),
-                                    label="<stdin>" if job.source == "-" else None)
+            result = apply_checkpoint(path, job.output, config, force=force, report_path=report,
+                                      unsafe_pickle=unsafe_pickle, progress=RichProgress(enabled=not quiet),
+                                      label="<stdin>" if job.source == "-" else None)
+        write_html(html, result)
+        return result
 
     raise typer.Exit(run_jobs(jobs, work, quiet=quiet, jsonl=jsonl, json_out=json_out))

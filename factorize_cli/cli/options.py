@@ -150,6 +150,9 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No table, no progres
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout (one checkpoint).")]
 Jsonl = Annotated[bool, typer.Option("--jsonl", help="Print one JSON object per checkpoint on stdout: input, status, "
                                                      "exit_code, output, report, totals, gates, error.")]
+HtmlPath = Annotated[str | None, typer.Option(
+    "--html", metavar="PATH", help="Write a self-contained HTML report with spectra and the error-versus-size "
+                                   "curve (needs matplotlib: the 'plot' extra).")]
 Globs = Annotated[list[str] | None, typer.Option(
     "--glob", metavar="PATTERN", show_default=False,
     help="File patterns to pick in searched folders (repeatable; default *.safetensors *.pt *.pth *.bin *.ckpt).")]

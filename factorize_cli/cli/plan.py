@@ -6,7 +6,7 @@ from typing import Annotated, Any
 import typer
 
 from factorize_cli.cli import app
-from factorize_cli.cli.options import Globs, Jsonl, JsonOut, Quiet, ReportPath, factorize_options
+from factorize_cli.cli.options import Globs, HtmlPath, Jsonl, JsonOut, Quiet, ReportPath, factorize_options
 
 EPILOG = """\
 Examples:
@@ -39,6 +39,7 @@ def plan(
     json_out: JsonOut = False,
     jsonl: Jsonl = False,
     report: ReportPath = None,
+    html: HtmlPath = None,
     quiet: Quiet = False,
 ) -> None:
     """Show which layers would be factorized, at what rank, and the predicted error (writes nothing)."""
@@ -46,12 +47,15 @@ def plan(
     from factorize_cli.batch import DEFAULT_GLOBS, materialized, plan_jobs
     from factorize_cli.cli.render import RichProgress
     from factorize_cli.cli.run import run_jobs
-    from factorize_cli.errors import GateError
+    from factorize_cli.errors import UsageError
     from factorize_cli.pipeline import plan_checkpoint, raise_for_gates
     from factorize_cli.report import dumps
 
     jobs = plan_jobs(checkpoints, tuple(globs or DEFAULT_GLOBS))
-    _single_only(len(jobs), json_out=json_out, report=report)
+    _single_only(len(jobs), json_out=json_out, report=report, html=html)
+    if html and spectra is False:
+        raise UsageError("--html shows spectra; drop --no-spectra")
+    spectra = True if html else spectra
 
     def work(job):
         with materialized(job.source) as path:
@@ -60,14 +64,23 @@ def plan(
                                      label="<stdin>" if job.source == "-" else None)
         if report:
             write_text_atomic(Path(report), dumps(result))
+        write_html(html, result)
         raise_for_gates(result)
         return result
 
     raise typer.Exit(run_jobs(jobs, work, quiet=quiet, jsonl=jsonl, json_out=json_out))
 
 
-def _single_only(count: int, *, json_out: bool, report: str | None) -> None:
+def _single_only(count: int, *, json_out: bool, report: str | None, html: str | None) -> None:
     from factorize_cli.errors import UsageError
 
-    if count > 1 and (json_out or report):
-        raise UsageError("--json and --report take one checkpoint; use --jsonl for several")
+    if count > 1 and (json_out or report or html):
+        raise UsageError("--json, --report and --html take one checkpoint; use --jsonl for several")
+
+
+def write_html(path: str | None, report: dict) -> None:
+    if path:
+        from factorize_cli.atomic import write_text_atomic
+        from factorize_cli.html import render_html
+
+        write_text_atomic(Path(path), render_html(report))

@@ -12,6 +12,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from factorize_cli.html import sparkline
+
 
 def console() -> Console:
     # Logs (not a terminal) get a wide, plain table instead of one folded to 80 columns.
@@ -34,10 +36,12 @@ def _pct(x: float | None) -> str:
 def layer_table(report: dict[str, Any]) -> Table:
     table = Table(title=escape(f"{report['command']}: {report['input']['path']}"), title_justify="left",
                   pad_edge=False, box=box.SIMPLE_HEAD)
+    spectra = any(e["spectrum_sample"] for e in report["layers"])
     for column, justify in (("layer", "left"), ("kind", "left"), ("shape", "left"), ("rank/BE", "right"),
                             ("params", "right"), ("MACs", "right"), ("error", "right"),
-                            ("energy", "right"), ("status", "left")):
-        table.add_column(column, justify=justify, overflow="fold")
+                            ("energy", "right"), ("spectrum", "left"), ("status", "left")):
+        if column != "spectrum" or spectra:
+            table.add_column(column, justify=justify, overflow="fold")
     for e in report["layers"]:
         done = e["action"] == "factorize"
         rank = f"{e['rank']}/{e['break_even_rank']}" if e["rank"] else f"-/{e['break_even_rank']}"
@@ -45,8 +49,11 @@ def layer_table(report: dict[str, Any]) -> Table:
         params = f"{_count(e['params_before'])}→{_count(e['params_after'])}" if done else _count(e["params_before"])
         macs = f"{_count(e['macs_before'])}→{_count(e['macs_after'])}" if done else _count(e["macs_before"])
         status = "[green]factorize[/]" if done else f"[yellow]skip[/] {e['reason']} [dim]({escape(e['detail'])})[/]"
-        table.add_row(escape(e["name"] or "(root)"), e["kind"], "x".join(map(str, e["shape"])), rank, params, macs,
-                      _pct(_error(e)) if done else "", _pct(e["energy_kept"]) if done else "", status)
+        cells = [escape(e["name"] or "(root)"), e["kind"], "x".join(map(str, e["shape"])), rank, params, macs,
+                 _pct(_error(e)) if done else "", _pct(e["energy_kept"]) if done else ""]
+        if spectra:
+            cells.append(sparkline(e["spectrum_sample"]))
+        table.add_row(*cells, status)
     return table
 
 
