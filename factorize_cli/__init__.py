@@ -19,6 +19,7 @@ _LAZY = {
     "SelectionConfig": "factorize_cli.config",
     "RatioPolicy": "factorize_cli.config",
     "FactorizedLinear": "factorize_cli.modules",
+    "FactorizedConv1d": "factorize_cli.modules",
     "FactorizedConv2d": "factorize_cli.modules",
     "convert_to_factorized": "factorize_cli.modules",
     "read_rank_map": "factorize_cli.modules",

@@ -2,7 +2,7 @@
 
 A Linear ``out x in`` weight is the matrix itself. A Conv2d ``d x c x kh x kw``
 weight is the ``d x (c*kh*kw)`` matrix of its unfolded patches; its factors are a
-``kh x kw`` conv ``c -> r`` and a ``1 x 1`` conv ``r -> d``. Costs, factorization
+``kh x kw`` conv ``c -> r`` and a ``1 x 1`` conv ``r -> d`` (Conv1d likewise, with ``k``). Costs, factorization
 and (later) calibration all go through :class:`Geometry`. Pure Python, no torch.
 """
 
@@ -15,11 +15,12 @@ from enum import Enum
 
 class LayerKind(str, Enum):
     LINEAR = "linear"
+    CONV1D = "conv1d"
     CONV2D = "conv2d"
 
     @classmethod
     def from_ndim(cls, ndim: int) -> LayerKind | None:
-        return {2: cls.LINEAR, 4: cls.CONV2D}.get(ndim)
+        return {2: cls.LINEAR, 3: cls.CONV1D, 4: cls.CONV2D}.get(ndim)
 
     @property
     def is_conv(self) -> bool:

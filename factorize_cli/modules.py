@@ -41,33 +41,53 @@ class FactorizedLinear(nn.Module):
         return new
 
 
-class FactorizedConv2d(nn.Module):
-    """``Conv2d(c, d, k)`` as a ``k x k`` conv ``c -> r`` (no bias) then a ``1 x 1`` conv ``r -> d`` (bias)."""
+class _FactorizedConv(nn.Module):
+    """A conv ``c -> d`` as a same-kernel conv ``c -> r`` (no bias) then a pointwise conv ``r -> d`` (bias)."""
+
+    conv: type[nn.Module]
+    kind: LayerKind
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int, stride=1, padding=0,
                  dilation=1, padding_mode: str = "zeros", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
-        self.module0 = nn.Conv2d(in_channels, rank, kernel_size, stride=stride, padding=padding,
+        self.module0 = self.conv(in_channels, rank, kernel_size, stride=stride, padding=padding,
                                  dilation=dilation, bias=False, padding_mode=padding_mode,
                                  device=device, dtype=dtype)
-        self.module1 = nn.Conv2d(rank, out_channels, 1, bias=True, device=device, dtype=dtype)
+        self.module1 = self.conv(rank, out_channels, 1, bias=True, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module1(self.module0(x))
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, rank: int, *, from_weights: bool = True) -> FactorizedConv2d:
+    def from_conv(cls, conv: nn.Module, rank: int, *, from_weights: bool = True):
         if conv.groups != 1:
             raise ValueError(f"cannot factorize a grouped convolution (groups={conv.groups})")
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, rank, stride=conv.stride,
                   padding=conv.padding, dilation=conv.dilation, padding_mode=conv.padding_mode,
                   device=conv.weight.device, dtype=conv.weight.dtype)
         if from_weights:
-            _load_factors(new, conv, Geometry.from_weight_shape(LayerKind.CONV2D, tuple(conv.weight.shape),
+            _load_factors(new, conv, Geometry.from_weight_shape(cls.kind, tuple(conv.weight.shape),
                                                                 conv.bias is not None))
         return new
+
+
+class FactorizedConv2d(_FactorizedConv):
+    """``Conv2d(c, d, k)`` as a ``k x k`` conv ``c -> r`` (no bias) then a ``1 x 1`` conv ``r -> d`` (bias)."""
+
+    conv = nn.Conv2d
+    kind = LayerKind.CONV2D
+
+
+class FactorizedConv1d(_FactorizedConv):
+    """``Conv1d(c, d, k)`` as a ``k`` conv ``c -> r`` (no bias) then a ``1`` conv ``r -> d`` (bias)."""
+
+    conv = nn.Conv1d
+    kind = LayerKind.CONV1D
+
+
+FACTORIZED = {nn.Linear: FactorizedLinear, nn.Conv1d: FactorizedConv1d, nn.Conv2d: FactorizedConv2d}
 
 
 def _load_factors(new: nn.Module, old: nn.Module, geometry: Geometry) -> None:
@@ -85,7 +105,7 @@ def _load_factors(new: nn.Module, old: nn.Module, geometry: Geometry) -> None:
 
 
 def convert_to_factorized(model: nn.Module, ranks: Mapping[str, int], *, from_weights: bool = False) -> nn.Module:
-    """Replace each named ``nn.Linear``/``nn.Conv2d`` by its factorized pair at the given rank, in place.
+    """Replace each named ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` by its factorized pair at a rank, in place.
 
     Dtype, device, stride, padding, dilation and padding_mode are kept. With ``from_weights`` the
     pair starts from the truncated SVD of the current weight; otherwise load a checkpoint into it.
@@ -95,12 +115,11 @@ def convert_to_factorized(model: nn.Module, ranks: Mapping[str, int], *, from_we
             layer = model.get_submodule(name)
         except AttributeError:
             raise KeyError(f"model has no submodule {name!r}") from None
-        if type(layer) is nn.Linear:
-            new = FactorizedLinear.from_linear(layer, rank, from_weights=from_weights)
-        elif type(layer) is nn.Conv2d:
-            new = FactorizedConv2d.from_conv(layer, rank, from_weights=from_weights)
-        else:
-            raise TypeError(f"{name} is a {type(layer).__name__}, not an nn.Linear or nn.Conv2d")
+        factorized = FACTORIZED.get(type(layer))
+        if factorized is None:
+            raise TypeError(f"{name} is a {type(layer).__name__}, not an nn.Linear, nn.Conv1d or nn.Conv2d")
+        new = factorized.from_linear(layer, rank, from_weights=from_weights) if factorized is FactorizedLinear \
+            else factorized.from_conv(layer, rank, from_weights=from_weights)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return model

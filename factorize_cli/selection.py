@@ -26,6 +26,7 @@ class SkipReason(str, Enum):
     TIED = "tied-weight"
     EMBEDDING_LIKE = "embedding-like"
     GROUPED = "grouped-conv"
+    NOT_A_CONV = "not-a-conv"
     TOO_NARROW = "too-narrow"
     ABOVE_BREAK_EVEN = "above-break-even"
     NON_FINITE = "non-finite"
@@ -58,7 +59,7 @@ def _join(prefix: str, leaf: str) -> str:
 
 
 def candidates_from_keys(checkpoint: Checkpoint) -> Iterator[Candidate]:
-    """Guess layers from key names and shapes: a 2-D weight is a Linear, a 4-D one a Conv2d."""
+    """Guess layers from key names and shapes: a 2-D weight is a Linear, 3-D a Conv1d, 4-D a Conv2d."""
     for info in checkpoint.infos:
         if info.key != "weight" and not info.key.endswith(".weight"):
             continue
@@ -75,6 +76,8 @@ def candidates_from_keys(checkpoint: Checkpoint) -> Iterator[Candidate]:
             tied_with=checkpoint.tied.get(info.key),
         )
 
+
+MAX_KERNEL = 64  # a 3-D weight with a longer last dimension is not taken for a Conv1d
 
 _EMBEDDING_NAMES = {"wte", "wpe", "shared", "embed", "embedding", "embeddings"}
 
@@ -113,6 +116,10 @@ def screen(candidate: Candidate, config: SelectionConfig) -> Screened:
         return Screened(candidate, SkipReason.TIED, f"shares its storage with {candidate.tied_with}")
     if not candidate.from_structure and included is None and (why := _looks_like_embedding(candidate)):
         return Screened(candidate, SkipReason.EMBEDDING_LIKE, f"{why}; --include it to factorize anyway")
+    if candidate.kind is LayerKind.CONV1D and not candidate.from_structure and candidate.geometry.kernel[0] > MAX_KERNEL:
+        return Screened(candidate, SkipReason.NOT_A_CONV,
+                        f"a 3-D weight with a last dimension of {candidate.geometry.kernel[0]} is not a Conv1d kernel "
+                        "(stacked experts?); --include does not change that")
     if candidate.groups != 1:
         return Screened(candidate, SkipReason.GROUPED, f"grouped convolution (groups={candidate.groups})")
     minimum = config.min_features if linear else config.min_channels

@@ -80,14 +80,31 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+class Audio(nn.Module):
+    """Conv1d stacks as in speech models."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(16, 48, 5, stride=2, padding=2)
+        self.c2 = nn.Conv1d(48, 40, 3, dilation=2, padding=2, padding_mode="reflect", bias=False)
+        self.c3 = nn.Conv1d(40, 32, 3, padding="same", padding_mode="circular")
+        self.fc = nn.Linear(32, 8)
+
+    def forward(self, x):
+        for conv in (self.c1, self.c2, self.c3):
+            x = torch.relu(conv(x))
+        return self.fc(x.mean(dim=2))
+
+
 CASES = [
     (MLP, (5, 64), []),
     (CNN, (2, 16, 17, 19), ["--exclude", "grouped"]),
     (Block, (2, 7, 64), []),
+    (Audio, (3, 16, 50), []),
 ]
 
 
-@pytest.mark.parametrize("factory,shape,extra", CASES, ids=["mlp", "cnn", "transformer-block"])
+@pytest.mark.parametrize("factory,shape,extra", CASES, ids=["mlp", "cnn", "transformer-block", "conv1d"])
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_rebuilt_model_matches_rank_r_reference(cli, tmp_path, factory, shape, extra, suffix):
     torch.manual_seed(0)
@@ -137,7 +154,7 @@ def test_convert_refuses_what_it_cannot_do():
     model = CNN()
     with pytest.raises(ValueError, match="grouped"):
         convert_to_factorized(model, {"grouped": 4})
-    with pytest.raises(TypeError, match="not an nn.Linear"):
+    with pytest.raises(TypeError, match="not an nn.Linear, nn.Conv1d or nn.Conv2d"):
         convert_to_factorized(nn.Sequential(nn.LayerNorm(4)), {"0": 2})
     with pytest.raises(KeyError):
         convert_to_factorized(MLP(), {"nope": 2})

@@ -103,3 +103,13 @@ def test_bad_selection_config(bad):
     from factorize_cli.errors import UsageError
     with pytest.raises(UsageError):
         SelectionConfig(**bad)
+
+
+def test_conv1d_weights_and_stacked_experts():
+    sd = {"conv.weight": torch.randn(64, 48, 3), "conv.bias": torch.randn(64),
+          "experts.weight": torch.randn(8, 64, 128)}
+    layers = plan_of(sd, latent=0.25)
+    assert layers["conv"].factorized and layers["conv"].geometry.kind.value == "conv1d"
+    assert layers["conv"].rank == 12 and layers["conv"].geometry.factor_shapes(12) == ((12, 48, 3), (64, 12, 1))
+    assert reason(layers["experts"]) == "not-a-conv"
+    assert reason(plan_of(sd, factorize_convs=False)["conv"]) == "kind-disabled"
