@@ -11,21 +11,22 @@ from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from factorize_cli.atomic import write_text_atomic
 from factorize_cli.config import FactorizeConfig
 from factorize_cli.errors import GateError, InputError, OutputError, UsageError
-from factorize_cli.factorization import Factors, choose_engine, factorize_checked, singular_values
 from factorize_cli.formats import OutputKind, check_output_path, open_checkpoint, output_kind, write_checkpoint
 from factorize_cli.formats.base import Checkpoint
-from factorize_cli.formats.torchfile import checkpoint_from_mapping
 from factorize_cli.planning import Inspector, LayerPlan, Plan, build_plan
 from factorize_cli.report import LayerResult, build_report, dumps
 from factorize_cli.rewrite import Placed, Role, output_layout
 from factorize_cli.selection import SkipReason, candidates_from_keys
+
+if TYPE_CHECKING:  # torch is imported where weights are read: a header-only plan needs none
+    import torch
+
+    from factorize_cli.factorization import Factors
 
 RANKS_METADATA_KEY = "factorize.ranks"
 
@@ -55,6 +56,10 @@ def default_report_path(output: Path) -> Path:
 def _inspector(checkpoint: Checkpoint, config: FactorizeConfig, *, spectra: bool,
                progress: Progress) -> Inspector:
     """Look at each layer still in the running: refuse non-finite weights, read spectra if asked."""
+
+    import torch
+
+    from factorize_cli.factorization import choose_engine, singular_values
 
     def inspect(layer: LayerPlan) -> LayerPlan:
         weight = checkpoint.get(layer.candidate.weight.key)
@@ -119,6 +124,10 @@ def layer_seed(seed: int, name: str) -> int:
 def execute(checkpoint: Checkpoint, layout: list[Placed], config: FactorizeConfig,
             results: dict[str, LayerResult], progress: Progress) -> Iterator[torch.Tensor]:
     """Yield the output tensors in layout order, factorizing each layer when its first factor is due."""
+    import torch
+
+    from factorize_cli.factorization import factorize_checked
+
     reads = prefetch(checkpoint, _sources(layout))
     factors: Factors | None = None
     for placed in layout:
@@ -183,6 +192,8 @@ def resolve_device(requested: str) -> tuple[str, str | None]:
     """The device to compute on, and a note when the request cannot be met (CUDA absent)."""
     if requested == "cpu":
         return "cpu", None
+    import torch
+
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
             return "cpu", f"--device {requested}: CUDA is not available here; computing on the CPU"
@@ -281,6 +292,8 @@ def _format_notes(checkpoint: Checkpoint, kind: OutputKind) -> list[str]:
 def factorize_state_dict(state_dict: Mapping[str, Any], config: FactorizeConfig | None = None
                          ) -> tuple[collections.OrderedDict, dict[str, Any]]:
     """In-memory API: factorize a state dict; returns the new state dict and the report."""
+    from factorize_cli.formats.torchfile import checkpoint_from_mapping
+
     config = config or FactorizeConfig()
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     if not isinstance(state_dict, Mapping):

@@ -12,16 +12,17 @@ import fnmatch
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from enum import Enum
-
-import torch
+from typing import TYPE_CHECKING
 
 from factorize_cli.config import (BudgetMetric, BudgetPolicy, EnergyPolicy, ErrorPolicy, FactorizeConfig,
                                   RatioPolicy)
 from factorize_cli.errors import UsageError
 from factorize_cli.geometry import Geometry, LayerKind
-from factorize_cli.policies import (BudgetError, BudgetLayer, allocate_budget, rank_for_energy, rank_for_error,
-                                    round_down, round_nearest, round_up)
+from factorize_cli.policies import round_down, round_nearest, round_up
 from factorize_cli.selection import Candidate, SkipReason, screen
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Action(str, Enum):
@@ -122,9 +123,11 @@ def assign_ranks(layers: list[LayerPlan], config: FactorizeConfig) -> tuple[list
                 out.append(_guard(replace(layer, rank=round_nearest(rank, step) if step > 1 else rank),
                                   "asked for by the latent size"))
             case EnergyPolicy(threshold=t):
+                from factorize_cli.policies import rank_for_energy
                 rank = round_up(rank_for_energy(_spectrum(layer), t), step)
                 out.append(_guard(replace(layer, rank=rank), f"needed to keep {t:g} of the energy"))
             case ErrorPolicy(max_error=e):
+                from factorize_cli.policies import rank_for_error
                 rank = round_up(rank_for_error(_spectrum(layer), e), step)
                 out.append(_guard(replace(layer, rank=rank), f"needed for error <= {e:g}"))
             case BudgetPolicy():
@@ -152,6 +155,8 @@ def _cost(geo: Geometry, metric: BudgetMetric, rank: int | None) -> int:
 
 def _allocate(out: list[LayerPlan], budgeted: list[int], config: FactorizeConfig) -> str:
     """Fill ``out[i]`` for i in ``budgeted`` with ranks from the global greedy allocation."""
+    from factorize_cli.policies import BudgetError, BudgetLayer, allocate_budget
+
     policy = config.policy
     assert isinstance(policy, BudgetPolicy)
     step, metric = config.rank_multiple, policy.metric

@@ -12,8 +12,10 @@ import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # Relative slack for comparisons of float64 energy sums (a rank that meets the bound up to
 # rounding counts as meeting it).
@@ -22,6 +24,8 @@ _SLACK = 1e-12
 
 def tail_energy(sigma: torch.Tensor) -> torch.Tensor:
     """``tail[r] = sum(sigma[r:]^2)`` for r = 0..k (float64, length k + 1, non-increasing)."""
+    import torch
+
     squares = sigma.to(torch.float64).square()
     tail = squares.flip(0).cumsum(0).flip(0)
     return torch.cat([tail, tail.new_zeros(1)])
@@ -179,6 +183,8 @@ class _Allocation:
 
 def _exact_ranks(alloc: _Allocation, limit: int) -> list[int] | None:
     """Exact knapsack by dynamic programming over cost units, or None when it would be too big."""
+    import torch
+
     step, costs = alloc.step, alloc.costs
     unit = math.gcd(*costs) if costs else 1
     room = int((alloc.budget - alloc.minimum) // unit)

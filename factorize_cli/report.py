@@ -16,9 +16,7 @@ from typing import Any
 from factorize_cli import __version__
 from factorize_cli.formats.base import Checkpoint
 from factorize_cli.config import Gates
-from factorize_cli.factorization import spectrum_stats
 from factorize_cli.planning import LayerPlan, Plan
-from factorize_cli.tradeoff import CurveLayer, budget_curve, chosen_point, sample_spectrum, uniform_curve
 
 SCHEMA_VERSION = 1
 
@@ -45,7 +43,14 @@ def _layer_entry(layer: LayerPlan, result: LayerResult | None) -> dict[str, Any]
     sigma = _spectrum(layer, result)
     done = layer.factorized
     rank = layer.rank if done else None
-    predicted = spectrum_stats(layer.spectrum, rank) if done and layer.spectrum is not None else None
+    predicted, sample = None, None
+    if sigma is not None:  # spectra mean torch is loaded already; a header-only plan never gets here
+        from factorize_cli.factorization import spectrum_stats
+        from factorize_cli.tradeoff import sample_spectrum
+
+        sample = sample_spectrum(sigma, [m for m in (rank, geo.break_even_rank) if m])
+        if done and layer.spectrum is not None:
+            predicted = spectrum_stats(layer.spectrum, rank)
     if not done:
         predicted_error, achieved_error, energy = 0.0, 0.0, 1.0  # the weight is kept as it is
     else:
@@ -75,8 +80,7 @@ def _layer_entry(layer: LayerPlan, result: LayerResult | None) -> dict[str, Any]
         "energy_kept": energy,
         "norm": norm,
         "engine": result.engine if result else None,
-        "spectrum_sample": sample_spectrum(sigma, [m for m in (rank, geo.break_even_rank) if m])
-        if sigma is not None else None,
+        "spectrum_sample": sample,
     }
 
 
@@ -111,6 +115,8 @@ def _tradeoff(plan: Plan, results: dict[str, LayerResult]) -> dict[str, Any] | N
     spectra = [_spectrum(layer, results.get(layer.name)) for layer in done]
     if not done or any(s is None for s in spectra):
         return None
+    from factorize_cli.tradeoff import CurveLayer, budget_curve, chosen_point, uniform_curve
+
     layers = [CurveLayer(layer.geometry, s) for layer, s in zip(done, spectra)]
     return {
         "layers": [layer.name for layer in done],

@@ -214,3 +214,13 @@ def test_console_script_and_module_entry_points(toy_safetensors, tmp_path):
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["totals"]["factorized"] == 3
         assert "\x1b[" not in r.stderr  # no colour when not a terminal
+
+
+def test_header_only_plan_of_safetensors_does_not_import_torch(toy_safetensors):
+    code = ("import sys\nfrom factorize_cli.cli import main\n"
+            f"try:\n    main(['plan', {str(toy_safetensors)!r}, '--json', '-q'])\nexcept SystemExit as e:\n"
+            "    assert e.code == 0, e.code\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.stderr.strip().endswith("NO-TORCH"), r.stderr
+    assert json.loads(r.stdout)["totals"]["candidates"] == 5

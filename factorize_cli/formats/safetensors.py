@@ -15,11 +15,13 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from factorize_cli.errors import InputError, describe
 from factorize_cli.formats.base import Checkpoint, TensorInfo
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: reading headers needs none
+    import torch
 
 _TO_TORCH = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -28,6 +30,8 @@ _TO_TORCH = {
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
 }
 _TO_ST = {v: k for k, v in _TO_TORCH.items()}
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
+             "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "C64": 8}
 
 INDEX_SUFFIX = ".safetensors.index.json"
 
@@ -41,7 +45,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        n = getattr(torch, self.dtype).itemsize
+        n = _ITEMSIZE[_TO_ST[self.dtype]]
         for s in self.shape:
             n *= s
         return n
@@ -103,7 +107,7 @@ class _SafetensorsFile:
                 raise self._bad(f"tensor {key!r} has unsupported dtype {dtype!r}")
             if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
                 raise self._bad(f"tensor {key!r} has a malformed shape {shape!r}")
-            nbytes = math.prod(shape) * getattr(torch, _TO_TORCH[dtype]).itemsize
+            nbytes = math.prod(shape) * _ITEMSIZE[dtype]
             if not (type(begin) is int and type(end) is int and 0 <= begin <= end <= data_size
                     and end - begin == nbytes):
                 raise self._bad(f"tensor {key!r}: offsets [{begin}, {end}] do not fit shape {shape} {dtype} "
@@ -121,6 +125,8 @@ class _SafetensorsFile:
         return [info for *_, info in spans], dict(metadata), offsets
 
     def get(self, key: str) -> torch.Tensor:
+        import torch
+
         info = self._by_key[key]
         start, nbytes = self._spans[key]
         tensor = torch.empty(info.shape, dtype=getattr(torch, info.dtype))
