@@ -27,6 +27,9 @@ _LAZY = {
     "plan_checkpoint": "factorize_cli.pipeline",
     "apply_checkpoint": "factorize_cli.pipeline",
     "low_rank_factors": "factorize_cli.factorization",
+    "collect_activation_stats": "factorize_cli.calibration",
+    "save_activation_stats": "factorize_cli.calibration",
+    "load_activation_stats": "factorize_cli.calibration",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

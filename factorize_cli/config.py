@@ -194,6 +194,7 @@ class FactorizeConfig:
     svd: str = "auto"
     device: str = "cpu"
     seed: int = 0
+    calibration: str | None = None  # activation statistics (safetensors) for data-aware factorization
 
     def __post_init__(self) -> None:
         if self.svd not in SVD_ENGINES:

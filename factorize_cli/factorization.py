@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -229,3 +229,52 @@ def _near_optimal(factors: Factors, *, resolvable: float) -> bool:
     can tell (an optimum below ``resolvable`` is lost in the rounding of the Gram matrix)."""
     optimum = factors.stats.relative_error
     return optimum >= resolvable and factors.engine_error <= optimum * (1 + AUTO_TOLERANCE)
+
+
+def whitening(second_moment: torch.Tensor, floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S, S^-1)`` with ``S`` the symmetric square root of the second moment ``C`` (``S S = C``).
+
+    From a float64 eigendecomposition; eigenvalues below ``floor`` times the largest are raised to
+    it, so a singular or slightly indefinite ``C`` (dead inputs, rounding) still gives an invertible
+    ``S`` instead of a failure. Directions that carry no activation then barely count.
+    """
+    c = second_moment.to(torch.float64)
+    c = (c + c.T) / 2
+    lam, q = torch.linalg.eigh(c)
+    top = float(lam.max()) if lam.numel() else 0.0
+    if not math.isfinite(top) or top <= 0 or not bool(torch.isfinite(lam).all()):
+        raise ValueError("the second moment is zero or not finite")
+    root = lam.clamp_min(floor * top).sqrt()
+    return (q * root) @ q.T, (q / root) @ q.T
+
+
+@dataclass(frozen=True)
+class WhitenedOutcome:
+    outcome: Outcome  # factors in the weight space; their stats describe the output space
+    output_error: float  # ||(W - W') S||_F / ||W S||_F of the stored factors
+
+
+def factorize_whitened(weight: torch.Tensor, geometry: Geometry, rank: int, root: torch.Tensor,
+                       root_inverse: torch.Tensor, *, engine: str = "auto", seed: int = 0,
+                       device: str = "cpu") -> WhitenedOutcome:
+    """Factors minimising ``||(W - W') X||_F`` for inputs with second moment ``S S``: truncate the SVD
+    of ``W S`` and map the input-side factor back with ``S^-1`` (SVD-LLM's whitening)."""
+    w = as_matrix(weight, geometry).to(torch.float64)
+    m = w @ root
+    space = Geometry(geometry.kind.LINEAR, geometry.out_features, geometry.fan_in, (), False)
+    inner = factorize_checked(m, space, rank, engine=engine, seed=seed, device=device)
+    second = inner.factors.second.reshape(geometry.out_features, rank)
+    first = inner.factors.first.reshape(rank, geometry.fan_in) @ root_inverse
+    scale = (first.norm(dim=1) / second.norm(dim=0).clamp_min(1e-300)).sqrt()  # re-balance the pair
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+    second, first = second * scale[None, :], first / scale[:, None]
+    first_shape, second_shape = geometry.factor_shapes(rank)
+    first = first.reshape(first_shape).to(weight.dtype).contiguous()
+    second = second.reshape(second_shape).to(weight.dtype).contiguous()
+    factors = replace(inner.factors, first=first, second=second)
+    achieved = factors_error(weight, first, second, geometry)
+    approx = second.to(torch.float64).reshape(geometry.out_features, rank) @ \
+        first.to(torch.float64).reshape(rank, geometry.fan_in)
+    total = sum_squares(m)
+    output_error = math.sqrt(sum_squares((w - approx) @ root) / total) if total else 0.0
+    return WhitenedOutcome(Outcome(factors, achieved, inner.engine), output_error)

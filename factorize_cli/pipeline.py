@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -53,22 +54,59 @@ def default_report_path(output: Path) -> Path:
     return output.parent / f"{stem}.factorize.json"
 
 
-def _inspector(checkpoint: Checkpoint, config: FactorizeConfig, *, spectra: bool,
-               progress: Progress) -> Inspector:
-    """Look at each layer still in the running: refuse non-finite weights, read spectra if asked."""
+class Whitener:
+    """Each layer's whitening ``(S, S^-1)`` from the activation statistics, computed on demand
+    (not cached: for LLM-sized layers each pair is hundreds of MB)."""
 
+    def __init__(self, path: str | None) -> None:
+        self.stats = {}
+        if path:
+            from factorize_cli.calibration import load_activation_stats
+
+            self.stats = load_activation_stats(path)
+
+    def covers(self, layer: LayerPlan) -> bool:
+        stats = self.stats.get(layer.name)
+        return stats is not None and stats.count > 0 and stats.xtx.shape[0] == layer.geometry.fan_in
+
+    def why_not(self, layer: LayerPlan) -> str:
+        stats = self.stats.get(layer.name)
+        if stats is None:
+            return "no calibration statistics for this layer: plain SVD"
+        if stats.count == 0:
+            return "calibration statistics saw no inputs: plain SVD"
+        return (f"calibration statistics have {stats.xtx.shape[0]} input features, the layer "
+                f"{layer.geometry.fan_in}: plain SVD")
+
+    def root(self, layer: LayerPlan):
+        from factorize_cli.factorization import whitening
+
+        return whitening(self.stats[layer.name].second_moment)
+
+
+def _inspector(checkpoint: Checkpoint, config: FactorizeConfig, whitener: Whitener, *, spectra: bool,
+               progress: Progress) -> Inspector:
+    """Look at each layer still in the running: refuse non-finite weights, note whether activation
+    statistics cover it, and read its spectrum (of ``W S`` when whitened) if asked."""
     import torch
 
-    from factorize_cli.factorization import choose_engine, singular_values
+    from factorize_cli.factorization import as_matrix, choose_engine, singular_values
 
     def inspect(layer: LayerPlan) -> LayerPlan:
         weight = checkpoint.get(layer.candidate.weight.key)
         try:
             if not bool(torch.isfinite(weight).all()):
                 return layer.skipped(SkipReason.NON_FINITE, "weight holds NaN or Inf values")
+            if whitener.stats:
+                layer = replace(layer, calibrated=whitener.covers(layer),
+                                detail="" if whitener.covers(layer) else whitener.why_not(layer))
             if not spectra:
                 return layer
             engine = config.svd if config.svd in ("exact", "gram") else choose_engine(layer.geometry)
+            if layer.calibrated:
+                root, _ = whitener.root(layer)
+                matrix = as_matrix(weight, layer.geometry).to(torch.float64) @ root
+                return replace(layer, spectrum=torch.linalg.svdvals(matrix.to(config.device)).cpu())
             return replace(layer, spectrum=singular_values(weight, layer.geometry, engine=engine,
                                                            device=config.device))
         finally:
@@ -78,14 +116,15 @@ def _inspector(checkpoint: Checkpoint, config: FactorizeConfig, *, spectra: bool
 
 
 def make_plan(checkpoint: Checkpoint, config: FactorizeConfig, *, spectra: bool, read_weights: bool = True,
-              progress: Progress | None = None) -> Plan:
+              progress: Progress | None = None, whitener: Whitener | None = None) -> Plan:
     """Build the plan. Spectra are read when asked for or when the rank policy needs them;
     with ``read_weights=False`` (and no spectra) only headers are read."""
     progress = progress or _Silent()
     spectra = spectra or config.needs_spectra
     candidates = list(candidates_from_keys(checkpoint))
-    inspect = _inspector(checkpoint, config, spectra=spectra, progress=progress) \
-        if spectra or read_weights else None
+    whitener = whitener or Whitener(config.calibration)
+    inspect = _inspector(checkpoint, config, whitener, spectra=spectra, progress=progress) \
+        if spectra or read_weights or whitener.stats else None
     progress.start("spectra" if spectra else "checking weights", len(candidates) if inspect else 0)
     try:
         return build_plan(candidates, config, source=checkpoint.path, fmt=checkpoint.format, inspect=inspect)
@@ -122,11 +161,12 @@ def layer_seed(seed: int, name: str) -> int:
 
 
 def execute(checkpoint: Checkpoint, layout: list[Placed], config: FactorizeConfig,
-            results: dict[str, LayerResult], progress: Progress) -> Iterator[torch.Tensor]:
+            results: dict[str, LayerResult], progress: Progress,
+            whitener: Whitener | None = None) -> Iterator[torch.Tensor]:
     """Yield the output tensors in layout order, factorizing each layer when its first factor is due."""
     import torch
 
-    from factorize_cli.factorization import factorize_checked
+    from factorize_cli.factorization import factorize_checked, factorize_whitened, sum_squares
 
     reads = prefetch(checkpoint, _sources(layout))
     factors: Factors | None = None
@@ -136,12 +176,23 @@ def execute(checkpoint: Checkpoint, layout: list[Placed], config: FactorizeConfi
             yield next(reads)
         elif placed.role is Role.FIRST:
             weight = next(reads)
-            outcome = factorize_checked(weight, layer.geometry, layer.rank, engine=config.svd,
-                                        seed=layer_seed(config.seed, layer.name), device=config.device)
+            seed = layer_seed(config.seed, layer.name)
+            output_error = None
+            if layer.calibrated and whitener is not None:
+                root, inverse = whitener.root(layer)
+                whitened = factorize_whitened(weight, layer.geometry, layer.rank, root, inverse,
+                                              engine=config.svd, seed=seed, device=config.device)
+                outcome, output_error = whitened.outcome, whitened.output_error
+                del root, inverse
+            else:
+                outcome = factorize_checked(weight, layer.geometry, layer.rank, engine=config.svd, seed=seed,
+                                            device=config.device)
             factors = outcome.factors
             full = len(factors.sigma) == layer.geometry.max_rank
-            results[layer.name] = LayerResult(outcome.achieved_error, factors.stats.energy_kept,
-                                              factors.stats.norm, outcome.engine, factors.sigma if full else None)
+            results[layer.name] = LayerResult(
+                outcome.achieved_error, factors.stats.energy_kept, math.sqrt(sum_squares(weight)), outcome.engine,
+                factors.sigma if full else None, output_error,
+                factors.stats.norm if output_error is not None else None)
             del weight, outcome
             progress.advance(layer.name)
             yield factors.first
@@ -236,7 +287,8 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
 
     with open_checkpoint(source, unsafe_pickle=unsafe_pickle) as checkpoint:
         _check_device(config)
-        plan = make_plan(checkpoint, config, spectra=False, progress=progress)
+        whitener = Whitener(config.calibration)
+        plan = make_plan(checkpoint, config, spectra=False, progress=progress, whitener=whitener)
         layout = output_layout(checkpoint, plan)
         destination = {"path": str(output), "format": kind.value, "files": [], "report": str(report_path),
                        "tensors": len(layout), "written": False}
@@ -266,7 +318,8 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
         progress.start("factorizing", len(plan.to_factorize))
         try:
             destination["files"] = write_checkpoint(
-                checkpoint, [p.entry for p in layout], execute(checkpoint, layout, config, results, progress),
+                checkpoint, [p.entry for p in layout],
+                execute(checkpoint, layout, config, results, progress, whitener),
                 output, metadata=metadata, before_commit=gate)
             destination["written"] = True
         except GateError:
@@ -299,10 +352,11 @@ def factorize_state_dict(state_dict: Mapping[str, Any], config: FactorizeConfig 
     if not isinstance(state_dict, Mapping):
         raise InputError(f"expected a state dict (a mapping of names to tensors), got {type(state_dict).__name__}")
     checkpoint = checkpoint_from_mapping(state_dict)
-    plan = make_plan(checkpoint, config, spectra=False)
+    whitener = Whitener(config.calibration)
+    plan = make_plan(checkpoint, config, spectra=False, whitener=whitener)
     layout = output_layout(checkpoint, plan)
     results: dict[str, LayerResult] = {}
-    tensors = execute(checkpoint, layout, config, results, _Silent())
+    tensors = execute(checkpoint, layout, config, results, _Silent(), whitener)
     out = collections.OrderedDict((p.entry.key, t) for p, t in zip(layout, tensors, strict=True))
     out.update(checkpoint.passthrough or {})
     report = build_report(command="apply", checkpoint=checkpoint, plan=plan, results=results, output=None,

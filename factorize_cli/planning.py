@@ -38,6 +38,7 @@ class LayerPlan:
     reason: SkipReason | None = None
     detail: str = ""
     pinned: bool = False  # rank set by --rank PATTERN=R
+    calibrated: bool = False  # whitened by activation statistics: the spectrum is that of W S
     spectrum: torch.Tensor | None = field(default=None, compare=False, repr=False)  # float64 singular values
 
     @property

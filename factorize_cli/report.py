@@ -30,6 +30,8 @@ class LayerResult:
     norm: float
     engine: str
     spectrum: Any = None  # every singular value, when the engine computed them all (a float64 tensor)
+    output_error: float | None = None  # ||(W - W') S|| / ||W S|| when whitened by activation statistics
+    output_norm: float | None = None  # ||W S||
 
 
 def _spectrum(layer: LayerPlan, result: LayerResult | None) -> Any:
@@ -51,13 +53,19 @@ def _layer_entry(layer: LayerPlan, result: LayerResult | None) -> dict[str, Any]
         sample = sample_spectrum(sigma, [m for m in (rank, geo.break_even_rank) if m])
         if done and layer.spectrum is not None:
             predicted = spectrum_stats(layer.spectrum, rank)
+    weight_side = predicted if not layer.calibrated else None
+    output_side = predicted if layer.calibrated else None
     if not done:
         predicted_error, achieved_error, energy = 0.0, 0.0, 1.0  # the weight is kept as it is
+        predicted_output, achieved_output = (0.0, 0.0) if layer.calibrated else (None, None)
     else:
-        predicted_error = predicted.relative_error if predicted else None
+        predicted_error = weight_side.relative_error if weight_side else None
         achieved_error = result.relative_error if result else None
         energy = result.energy_kept if result else (predicted.energy_kept if predicted else None)
-    norm = result.norm if result else (predicted.norm if predicted else None)
+        predicted_output = output_side.relative_error if output_side else None
+        achieved_output = result.output_error if result else None
+    norm = result.norm if result else (weight_side.norm if weight_side else None)
+    output_norm = result.output_norm if result else (output_side.norm if output_side else None)
     return {
         "name": layer.name,
         "kind": geo.kind.value,
@@ -79,6 +87,10 @@ def _layer_entry(layer: LayerPlan, result: LayerResult | None) -> dict[str, Any]
         "achieved_error": achieved_error,
         "energy_kept": energy,
         "norm": norm,
+        "calibrated": layer.calibrated,
+        "predicted_output_error": predicted_output,
+        "achieved_output_error": achieved_output,
+        "output_norm": output_norm,
         "engine": result.engine if result else None,
         "spectrum_sample": sample,
     }
@@ -126,13 +138,17 @@ def _tradeoff(plan: Plan, results: dict[str, LayerResult]) -> dict[str, Any] | N
     }
 
 
-def weighted_error(layers: list[dict], key: str) -> float | None:
-    """Energy-weighted relative error over the factorized layers: sqrt(sum e_i^2 n_i^2 / sum n_i^2)."""
-    done = [e for e in layers if e["action"] == "factorize"]
-    if any(e[key] is None or e["norm"] is None for e in done):
+def weighted_error(layers: list[dict], key: str, norm: str = "norm") -> float | None:
+    """Energy-weighted relative error over the factorized layers: sqrt(sum e_i^2 n_i^2 / sum n_i^2).
+
+    For output errors only the calibrated layers count; None when a needed number is missing."""
+    done = [e for e in layers if e["action"] == "factorize" and (norm == "norm" or e["calibrated"])]
+    if not done:
+        return 0.0 if norm == "norm" else None
+    if any(e[key] is None or e[norm] is None for e in done):
         return None
-    energy = sum(e["norm"] ** 2 for e in done)
-    return math.sqrt(sum((e[key] * e["norm"]) ** 2 for e in done) / energy) if energy else 0.0
+    energy = sum(e[norm] ** 2 for e in done)
+    return math.sqrt(sum((e[key] * e[norm]) ** 2 for e in done) / energy) if energy else 0.0
 
 
 def _totals(checkpoint: Checkpoint, layers: list[dict]) -> dict:
@@ -151,11 +167,16 @@ def _totals(checkpoint: Checkpoint, layers: list[dict]) -> dict:
         "param_reduction": saved / floats if floats else 0.0,
         "predicted_error": weighted_error(layers, "predicted_error"),
         "achieved_error": weighted_error(layers, "achieved_error"),
+        "predicted_output_error": weighted_error(layers, "predicted_output_error", "output_norm"),
+        "achieved_output_error": weighted_error(layers, "achieved_output_error", "output_norm"),
     }
 
 
 def best_error(entry: dict) -> float | None:
-    """The achieved error when the layer was executed, else the predicted one."""
+    """The error the layer was optimised for (output error when calibrated), achieved if executed."""
+    if entry["calibrated"]:
+        return entry["achieved_output_error"] if entry["achieved_output_error"] is not None \
+            else entry["predicted_output_error"]
     return entry["achieved_error"] if entry["achieved_error"] is not None else entry["predicted_error"]
 
 
@@ -171,7 +192,8 @@ def evaluate_gates(gates: Gates, layers: list[dict], totals: dict) -> dict[str, 
                 violations.append(f"layer {e['name']}: error {error:.4f} > --max-layer-error {gates.max_layer_error:g}")
     if gates.max_total_error is not None:
         checked.append("max_total_error")
-        total = totals["achieved_error"] if totals["achieved_error"] is not None else totals["predicted_error"]
+        total = next((totals[k] for k in ("achieved_output_error", "predicted_output_error", "achieved_error",
+                                           "predicted_error") if totals[k] is not None), None)
         if total is not None and total > gates.max_total_error:
             violations.append(f"total error {total:.4f} > --max-total-error {gates.max_total_error:g}")
     if gates.min_param_reduction is not None:

@@ -68,6 +68,11 @@ def _shared_parameters() -> list[inspect.Parameter]:
         opt("min_param_reduction", Annotated[float | None, typer.Option(
             "--min-param-reduction", metavar="R", rich_help_panel=GATES,
             help="Fail if the checkpoint's parameters shrink by less than fraction R.")], None),
+        opt("calibration", Annotated[str | None, typer.Option(
+            "--calibration", metavar="STATS", rich_help_panel=RANKS,
+            help="Activation statistics (from factorize_cli.collect_activation_stats): factorize each covered "
+                 "layer to minimise its output error ||(W - W')X|| instead of its weight error; policies and "
+                 "gates then speak of output error.")], None),
         opt("svd", Annotated[str, typer.Option(
             "--svd", metavar="ENGINE", rich_help_panel=COMPUTE,
             help="auto (default: LAPACK SVD for small matrices, Gram eigendecomposition for large ones, "
@@ -115,7 +120,7 @@ def build_config(*, factorize_linears: bool, factorize_convs: bool, min_features
                  include: list[str], exclude: list[str], latent_features: str, latent_channels: str,
                  rank_policy: str, rank_multiple: int, rank_pins: list[str], max_layer_error: float | None,
                  max_total_error: float | None, min_param_reduction: float | None, svd: str, device: str,
-                 seed: int) -> Any:
+                 seed: int, calibration: str | None) -> Any:
     from factorize_cli.config import (FactorizeConfig, Gates, Latent, RankPin, RatioPolicy, SelectionConfig,
                                       parse_policy)
 
@@ -132,6 +137,7 @@ def build_config(*, factorize_linears: bool, factorize_convs: bool, min_features
         svd=svd,
         device=_device(device),
         seed=seed,
+        calibration=calibration,
     )
 
 
