@@ -121,7 +121,12 @@ def make_plan(checkpoint: Checkpoint, config: FactorizeConfig, *, spectra: bool,
     with ``read_weights=False`` (and no spectra) only headers are read."""
     progress = progress or _Silent()
     spectra = spectra or config.needs_spectra
-    candidates = list(candidates_from_keys(checkpoint))
+    if checkpoint.format == "torchscript":
+        from factorize_cli.graphs.torchscript import candidates as structural
+
+        candidates = structural(checkpoint.container)
+    else:
+        candidates = list(candidates_from_keys(checkpoint))
     whitener = whitener or Whitener(config.calibration)
     inspect = _inspector(checkpoint, config, whitener, spectra=spectra, progress=progress) \
         if spectra or read_weights or whitener.stats else None
@@ -160,13 +165,33 @@ def layer_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63)
 
 
+def factorize_layer(weight: torch.Tensor, layer: LayerPlan, config: FactorizeConfig,
+                    whitener: Whitener | None) -> tuple[Any, LayerResult]:
+    """The factors of one planned layer (whitened when calibrated) and what they achieved."""
+    from factorize_cli.factorization import factorize_checked, factorize_whitened, sum_squares
+
+    seed = layer_seed(config.seed, layer.name)
+    output_error = None
+    if layer.calibrated and whitener is not None:
+        root, inverse = whitener.root(layer)
+        whitened = factorize_whitened(weight, layer.geometry, layer.rank, root, inverse, engine=config.svd,
+                                      seed=seed, device=config.device)
+        outcome, output_error = whitened.outcome, whitened.output_error
+    else:
+        outcome = factorize_checked(weight, layer.geometry, layer.rank, engine=config.svd, seed=seed,
+                                    device=config.device)
+    factors = outcome.factors
+    full = len(factors.sigma) == layer.geometry.max_rank
+    return outcome, LayerResult(
+        outcome.achieved_error, factors.stats.energy_kept, math.sqrt(sum_squares(weight)), outcome.engine,
+        factors.sigma if full else None, output_error, factors.stats.norm if output_error is not None else None)
+
+
 def execute(checkpoint: Checkpoint, layout: list[Placed], config: FactorizeConfig,
             results: dict[str, LayerResult], progress: Progress,
             whitener: Whitener | None = None) -> Iterator[torch.Tensor]:
     """Yield the output tensors in layout order, factorizing each layer when its first factor is due."""
     import torch
-
-    from factorize_cli.factorization import factorize_checked, factorize_whitened, sum_squares
 
     reads = prefetch(checkpoint, _sources(layout))
     factors: Factors | None = None
@@ -176,23 +201,8 @@ def execute(checkpoint: Checkpoint, layout: list[Placed], config: FactorizeConfi
             yield next(reads)
         elif placed.role is Role.FIRST:
             weight = next(reads)
-            seed = layer_seed(config.seed, layer.name)
-            output_error = None
-            if layer.calibrated and whitener is not None:
-                root, inverse = whitener.root(layer)
-                whitened = factorize_whitened(weight, layer.geometry, layer.rank, root, inverse,
-                                              engine=config.svd, seed=seed, device=config.device)
-                outcome, output_error = whitened.outcome, whitened.output_error
-                del root, inverse
-            else:
-                outcome = factorize_checked(weight, layer.geometry, layer.rank, engine=config.svd, seed=seed,
-                                            device=config.device)
+            outcome, results[layer.name] = factorize_layer(weight, layer, config, whitener)
             factors = outcome.factors
-            full = len(factors.sigma) == layer.geometry.max_rank
-            results[layer.name] = LayerResult(
-                outcome.achieved_error, factors.stats.energy_kept, math.sqrt(sum_squares(weight)), outcome.engine,
-                factors.sigma if full else None, output_error,
-                factors.stats.norm if output_error is not None else None)
             del weight, outcome
             progress.advance(layer.name)
             yield factors.first
@@ -229,7 +239,8 @@ def plan_checkpoint(path: str | Path, config: FactorizeConfig, *, spectra: bool 
     with open_checkpoint(path, unsafe_pickle=unsafe_pickle) as checkpoint:
         _check_device(config)
         plan = make_plan(checkpoint, config, spectra=wanted, read_weights=False, progress=progress)
-        output_layout(checkpoint, plan)  # the same validation apply does (key collisions)
+        if checkpoint.format != "torchscript":
+            output_layout(checkpoint, plan)  # the same validation apply does (key collisions)
         notes = [] if wanted or config.needs_spectra else \
             ["headers only: weights were not read (no NaN/Inf check, no predicted error); pass --spectra"]
         report = build_report(command="plan", checkpoint=checkpoint, plan=plan, results={}, output=None,
@@ -289,9 +300,14 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
         _check_device(config)
         whitener = Whitener(config.calibration)
         plan = make_plan(checkpoint, config, spectra=False, progress=progress, whitener=whitener)
-        layout = output_layout(checkpoint, plan)
+        if checkpoint.format == "torchscript":
+            if kind is not OutputKind.TORCH:
+                raise UsageError(f"{output}: a TorchScript input is written as a TorchScript archive; "
+                                 "give a .pt or .jit output path")
+            kind = OutputKind.TORCHSCRIPT
+        layout = output_layout(checkpoint, plan) if kind is not OutputKind.TORCHSCRIPT else []
         destination = {"path": str(output), "format": kind.value, "files": [], "report": str(report_path),
-                       "tensors": len(layout), "written": False}
+                       "tensors": len(layout) if layout else len(checkpoint.infos), "written": False}
 
         def report_now(results: dict[str, LayerResult]) -> dict[str, Any]:
             report = build_report(command="apply", checkpoint=checkpoint, plan=plan, results=results,
@@ -317,10 +333,19 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
         metadata = {RANKS_METADATA_KEY: json.dumps(rank_map(plan), sort_keys=True)}
         progress.start("factorizing", len(plan.to_factorize))
         try:
-            destination["files"] = write_checkpoint(
-                checkpoint, [p.entry for p in layout],
-                execute(checkpoint, layout, config, results, progress, whitener),
-                output, metadata=metadata, before_commit=gate)
+            if kind is OutputKind.TORCHSCRIPT:
+                from factorize_cli.graphs.torchscript import write_rewritten
+
+                destination["files"] = write_rewritten(
+                    checkpoint.container, plan,
+                    lambda layer: factorize_layer(checkpoint.get(layer.candidate.weight.key), layer, config,
+                                                  whitener),
+                    results, progress, output, before_commit=gate)
+            else:
+                destination["files"] = write_checkpoint(
+                    checkpoint, [p.entry for p in layout],
+                    execute(checkpoint, layout, config, results, progress, whitener),
+                    output, metadata=metadata, before_commit=gate)
             destination["written"] = True
         except GateError:
             write_text_atomic(report_path, dumps(final))

@@ -27,6 +27,7 @@ class SkipReason(str, Enum):
     EMBEDDING_LIKE = "embedding-like"
     GROUPED = "grouped-conv"
     NOT_A_CONV = "not-a-conv"
+    NOT_REWRITABLE = "not-rewritable"
     TOO_NARROW = "too-narrow"
     ABOVE_BREAK_EVEN = "above-break-even"
     NON_FINITE = "non-finite"
@@ -41,6 +42,7 @@ class Candidate:
     from_structure: bool = False  # True when the module type is known (not guessed from keys)
     groups: int = 1
     tied_with: str | None = None
+    unsafe: str | None = None  # why a graph rewrite cannot touch this layer (graph formats)
 
     @property
     def kind(self) -> LayerKind:
@@ -112,6 +114,8 @@ def screen(candidate: Candidate, config: SelectionConfig) -> Screened:
     if candidate.weight.dtype not in FLOAT_DTYPES:
         return Screened(candidate, SkipReason.UNSUPPORTED_DTYPE,
                         f"dtype {candidate.weight.dtype} is not a float16/bfloat16/float32/float64 weight")
+    if candidate.unsafe is not None:
+        return Screened(candidate, SkipReason.NOT_REWRITABLE, candidate.unsafe)
     if candidate.tied_with is not None:
         return Screened(candidate, SkipReason.TIED, f"shares its storage with {candidate.tied_with}")
     if not candidate.from_structure and included is None and (why := _looks_like_embedding(candidate)):

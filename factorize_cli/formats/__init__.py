@@ -21,7 +21,7 @@ from factorize_cli.formats.base import Checkpoint, TensorInfo
 __all__ = ["Checkpoint", "TensorInfo", "OutputKind", "open_checkpoint", "output_kind", "write_checkpoint",
            "check_output_path"]
 
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".jit")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 # The legacy (pre-zip) torch.save format opens with a pickled magic number (protocol 2, LONG1 of 10 bytes).
 LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
@@ -31,6 +31,7 @@ class OutputKind(str, Enum):
     SAFETENSORS = "safetensors"
     SHARDED = "safetensors-sharded"
     TORCH = "torch"
+    TORCHSCRIPT = "torchscript"
 
 
 def sniff(path: Path) -> str:
@@ -47,7 +48,7 @@ def sniff(path: Path) -> str:
         except (zipfile.BadZipFile, OSError) as e:
             raise InputError(f"{path}: damaged zip archive ({e})") from e
         if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-            raise InputError(f"{path}: is a TorchScript archive; TorchScript input is not supported yet")
+            return "torchscript"
         if any(n.endswith("serialized_exported_program.json") or n.endswith("/archive_format") for n in names):
             raise InputError(f"{path}: is a torch.export .pt2 archive; .pt2 input is not supported yet")
         return "torch-zip"
@@ -75,8 +76,25 @@ def open_checkpoint(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> 
     if kind == "safetensors":
         from factorize_cli.formats.safetensors import open_safetensors_file
         return open_safetensors_file(path)
+    if kind == "torchscript":
+        return _open_torchscript(path)
     from factorize_cli.formats.torchfile import open_torch_file
     return open_torch_file(path, unsafe_pickle=unsafe_pickle)
+
+
+def _open_torchscript(path: Path) -> Checkpoint:
+    from factorize_cli.errors import describe
+    from factorize_cli.formats.torchfile import _MappingReader
+    from factorize_cli.graphs.torchscript import load_archive
+
+    try:
+        archive = load_archive(path)
+    except (RuntimeError, OSError, ValueError, KeyError) as e:
+        raise InputError(f"{path}: not a loadable TorchScript archive ({describe(e)})") from e
+    state = archive.module.state_dict()
+    infos = [TensorInfo(key, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for key, t in state.items()]
+    return Checkpoint(path=str(path), format="torchscript", infos=infos, reader=_MappingReader(state),
+                      container=archive)
 
 
 def output_kind(path: Path) -> OutputKind:

@@ -1,0 +1,1 @@
+"""Graph rewrites for formats that carry code, not just tensors (TorchScript)."""

@@ -1,0 +1,244 @@
+"""TorchScript archives: find torch's own Linear/Conv layers, and rewrite their calls into factor pairs.
+
+Swapping a submodule for one of another type is fragile in TorchScript (a parent's class type fixes
+its fields' types, and instances of one class share their type). This pass avoids retyping modules:
+it inlines every method of the root module, so each layer call becomes an ``aten::linear`` /
+``aten::conv1d|conv2d|_convolution`` node whose weight is read through a ``prim::GetAttr`` chain;
+registers, on the root (whose type is its own), one new submodule per factorized layer holding the
+two factor weights; and replaces each call by two calls of the same op: the original arguments with
+the first factor and no bias, then a pointwise op with the second factor and the original bias.
+The original weight is emptied. A layer whose weight is read anywhere else (tied weights, direct
+use, grouped or transposed convs) is reported and left alone.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+_TORCH_LAYER = re.compile(r"^__torch__\.torch\.nn\.modules\.(linear|conv)\.(___torch_mangle_\d+\.)?"
+                          r"(Linear|Conv1d|Conv2d)$")
+_OPS = {"aten::linear", "aten::conv1d", "aten::conv2d", "aten::_convolution"}
+
+
+def torch_layer_kind(module: torch.jit.ScriptModule) -> str | None:
+    """'Linear', 'Conv1d' or 'Conv2d' for torch's own modules (not a user class of the same name)."""
+    match = _TORCH_LAYER.match(module._c._type().qualified_name())
+    return match.group(3) if match else None
+
+
+def inline_methods(root: torch.jit.ScriptModule) -> None:
+    for name in root._c._method_names():
+        torch._C._jit_pass_inline(root._c._get_method(name).graph)
+
+
+def _walk(block) -> Iterator:
+    for node in list(block.nodes()):
+        yield node
+        for inner in node.blocks():
+            yield from _walk(inner)
+
+
+def _attribute_path(value) -> str | None:
+    """'a.b.weight' for a value read by a GetAttr chain from the method's self, else None."""
+    names, node = [], value.node()
+    while node.kind() == "prim::GetAttr":
+        names.append(node.s("name"))
+        node = node.inputsAt(0).node()
+    return ".".join(reversed(names)) if names and node.kind() == "prim::Param" else None
+
+
+def _constant(value):
+    node = value.node()
+    return node.output().toIValue() if node.kind() == "prim::Constant" else None
+
+
+@dataclass
+class Uses:
+    calls: list = field(default_factory=list)  # (graph, node) of rewritable ops
+    other: list[str] = field(default_factory=list)  # why some read is not rewritable
+
+
+def analyse(root: torch.jit.ScriptModule, layers: list[str]) -> dict[str, str | None]:
+    """For each layer path, None when every read of its weight is a rewritable op call, else why not."""
+    uses = _collect(root, set(layers))
+    out: dict[str, str | None] = {}
+    for layer in layers:
+        u = uses.get(layer)
+        if u is None or not (u.calls or u.other):
+            out[layer] = "never called by the module's methods"
+        elif u.other:
+            out[layer] = u.other[0]
+        else:
+            out[layer] = None
+    return out
+
+
+def _collect(root: torch.jit.ScriptModule, layers: set[str]) -> dict[str, Uses]:
+    uses: dict[str, Uses] = {}
+    for method in root._c._method_names():
+        graph = root._c._get_method(method).graph
+        for node in _walk(graph):
+            if node.kind() != "prim::GetAttr" or node.s("name") != "weight":
+                continue
+            path = _attribute_path(node.output())
+            layer = path.removesuffix(".weight") if path else None
+            if layer not in layers:
+                continue
+            entry = uses.setdefault(layer, Uses())
+            for use in node.output().uses():
+                reason = _unrewritable(use.user, use.offset)
+                if reason:
+                    entry.other.append(f"{reason} (in {method})")
+                else:
+                    entry.calls.append((graph, use.user))
+    return uses
+
+
+def _unrewritable(node, offset: int) -> str | None:
+    kind = node.kind()
+    if kind not in _OPS or offset != 1:
+        return f"weight read outside its layer call by {kind}"
+    inputs = list(node.inputs())
+    if kind == "aten::_convolution":
+        if _constant(inputs[6]) is not False:
+            return "transposed convolution"
+        groups = _constant(inputs[8])
+    elif kind in ("aten::conv1d", "aten::conv2d"):
+        groups = _constant(inputs[6])
+    else:
+        groups = 1
+    if groups != 1:
+        return f"grouped convolution (groups={groups})"
+    return None
+
+
+def rewrite_layer(root: torch.jit.ScriptModule, layer: str, first: torch.Tensor, second: torch.Tensor) -> int:
+    """Replace every call of ``layer`` by its factor pair; returns the number of calls rewritten."""
+    holder = torch.jit.script(_pair(first, second))
+    attribute = "factorized__" + layer.replace(".", "__")
+    root._c._register_attribute(attribute, holder._c._type(), holder._c)
+    calls = _collect(root, {layer})[layer].calls
+    for graph, node in calls:
+        _split_call(graph, node, attribute, holder)
+    target = root
+    for part in layer.split("."):
+        target = getattr(target, part)
+    target._c.setattr("weight", torch.empty(0, dtype=first.dtype))  # the factors replace it
+    return len(calls)
+
+
+def _pair(first: torch.Tensor, second: torch.Tensor) -> nn.Module:
+    """A module holding the two factors as ``0.weight`` and ``1.weight`` (bias stays with the layer)."""
+    rank = first.shape[0]
+    if first.dim() == 2:
+        module0, module1 = nn.Linear(first.shape[1], rank, bias=False), nn.Linear(rank, second.shape[0], bias=False)
+    else:
+        conv = nn.Conv1d if first.dim() == 3 else nn.Conv2d
+        module0 = conv(first.shape[1], rank, tuple(first.shape[2:]), bias=False)
+        module1 = conv(rank, second.shape[0], 1, bias=False)
+    module0.weight = nn.Parameter(first.detach().clone(), requires_grad=False)
+    module1.weight = nn.Parameter(second.detach().clone(), requires_grad=False)
+    return nn.Sequential(module0, module1)
+
+
+def _split_call(graph, node, attribute: str, holder: torch.jit.ScriptModule) -> None:
+    self_value = next(graph.inputs())
+
+    def get(value, name: str, type_):
+        n = graph.create("prim::GetAttr", [value])
+        n.s_("name", name)
+        n.insertBefore(node)
+        n.output().setType(type_)
+        return n.output()
+
+    def constant(value):
+        c = graph.insertConstant(value)
+        c.node().moveBefore(node)
+        return c
+
+    pair = get(self_value, attribute, holder._c._type())
+    first_c, second_c = holder._c.getattr("0"), holder._c.getattr("1")
+    w0 = get(get(pair, "0", first_c._type()), "weight", torch._C.TensorType.get())
+    w1 = get(get(pair, "1", second_c._type()), "weight", torch._C.TensorType.get())
+    kind, inputs = node.kind(), list(node.inputs())
+    first = graph.create(kind, [inputs[0], w0, constant(None), *inputs[3:]], 1)
+    first.insertBefore(node)
+    first.output().setType(node.output().type())
+    if kind == "aten::linear":
+        rest = [inputs[2]]
+    else:
+        dims = first_c.getattr("weight").dim() - 2
+        ones, zeros = constant([1] * dims), constant([0] * dims)
+        if kind == "aten::_convolution":  # transposed=False, output_padding=0, groups=1, then the flags
+            rest = [inputs[2], ones, zeros, ones, constant(False), zeros, constant(1), *inputs[9:]]
+        else:
+            rest = [inputs[2], ones, zeros, ones, constant(1)]
+    second = graph.create(kind, [first.output(), w1, *rest], 1)
+    second.insertBefore(node)
+    second.output().setType(node.output().type())
+    node.output().replaceAllUsesWith(second.output())
+    node.destroy()
+
+
+@dataclass(frozen=True)
+class Archive:
+    """A loaded TorchScript archive and the extra files it carried (kept on save)."""
+
+    module: torch.jit.ScriptModule
+    extra_files: dict[str, bytes]
+
+
+def load_archive(path) -> Archive:
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        names = [n.split("/extra/", 1)[1] for n in z.namelist() if "/extra/" in n and not n.endswith("/")]
+    extra = {name: "" for name in names}
+    module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    inline_methods(module)
+    return Archive(module, {k: v if isinstance(v, bytes) else v.encode() for k, v in extra.items()})
+
+
+def candidates(archive: Archive):
+    """Candidates from module structure: torch's own Linear/Conv1d/Conv2d submodules."""
+    from factorize_cli.formats.base import TensorInfo, dtype_name
+    from factorize_cli.geometry import Geometry, LayerKind
+    from factorize_cli.selection import Candidate
+
+    found = []
+    for name, sub in archive.module.named_modules():
+        kind = torch_layer_kind(sub) if name else None
+        if kind is None:
+            continue
+        weight = sub.weight
+        bias = getattr(sub, "bias", None)
+        info = TensorInfo(f"{name}.weight", tuple(weight.shape), dtype_name(weight.dtype))
+        bias_info = TensorInfo(f"{name}.bias", tuple(bias.shape), dtype_name(bias.dtype)) \
+            if isinstance(bias, torch.Tensor) else None
+        geometry = Geometry.from_weight_shape(LayerKind(kind.lower()), info.shape, bias_info is not None)
+        groups = int(getattr(sub, "groups", 1)) if kind != "Linear" else 1
+        found.append((name, Candidate(name=name, weight=info, bias=bias_info, geometry=geometry,
+                                      from_structure=True, groups=groups)))
+    unsafe = analyse(archive.module, [name for name, _ in found])
+    from dataclasses import replace
+    return [replace(c, unsafe=unsafe[name]) for name, c in found]
+
+
+def write_rewritten(archive: Archive, plan, factorize, results: dict, progress, output, *, before_commit) -> list[str]:
+    """Rewrite every planned layer, save atomically, and check the archive loads before committing it."""
+    from factorize_cli.atomic import atomic_path
+
+    for layer in plan.to_factorize:
+        outcome, results[layer.name] = factorize(layer)
+        rewrite_layer(archive.module, layer.name, outcome.factors.first, outcome.factors.second)
+        progress.advance(layer.name)
+    with atomic_path(output) as tmp:
+        torch.jit.save(archive.module, str(tmp), _extra_files=archive.extra_files)
+        torch.jit.load(str(tmp), map_location="cpu")  # a graph that saves can still fail to load
+        before_commit()
+    return [str(output)]
