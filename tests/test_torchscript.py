@@ -1,0 +1,256 @@
+"""TorchScript in, TorchScript out: the rewritten archive loads in a fresh process, is smaller, and
+computes the rank-r model."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.test_modules import truncated
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(48, 64)
+        self.fc2 = nn.Linear(64, 40, bias=False)
+        self.out = nn.Linear(40, 12)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(6, 24, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(24, 32, 3, dilation=2, padding=2, padding_mode="reflect", bias=False)
+        self.c3 = nn.Conv2d(32, 32, (3, 1), padding="same", padding_mode="circular")
+        self.c4 = nn.Conv2d(32, 32, 3, groups=2, padding=1)
+        self.fc = nn.Linear(32, 16)
+
+    def forward(self, x):
+        x = torch.tanh(self.c2(torch.tanh(self.c1(x))))
+        x = torch.tanh(self.c4(torch.tanh(self.c3(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 32)
+        self.conv = nn.Conv1d(16, 16, 3, padding=1)
+
+    def forward(self, x, y):
+        return torch.relu(self.fc(x)), torch.relu(self.conv(y))
+
+
+class Twins(nn.Module):
+    """Two instances of one class (one shared TorchScript type), an exported method, a tied weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = Block()
+        self.b = Block()
+        self.proj = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, x, y):
+        x, y = self.a(x, y)
+        x, y = self.b(x, y)
+        x = self.proj(x) + x @ self.proj.weight  # proj's weight is read outside its call: tied
+        return self.head(x), y
+
+    @torch.jit.export
+    def logits(self, x):
+        return self.head(x)
+
+
+CASES = {
+    "mlp": (MLP, lambda: (torch.randn(5, 48),)),
+    "cnn": (CNN, lambda: (torch.randn(2, 6, 15, 13),)),
+    "twins": (Twins, lambda: (torch.randn(4, 32), torch.randn(2, 16, 20))),
+}
+
+RUNNER = """
+import sys, torch
+original, result, inputs, out = sys.argv[1:5]
+args = torch.load(inputs)
+m = torch.jit.load(result)
+with torch.no_grad():
+    y = m(*args)
+extra = m.logits(args[0]) if hasattr(m, "logits") else None
+params = (sum(p.numel() for p in torch.jit.load(original).parameters()), sum(p.numel() for p in m.parameters()))
+torch.save({"y": y, "extra": extra, "params": params, "clean": "factorize_cli" not in sys.modules}, out)
+"""
+
+
+def run_fresh(tmp: Path, original: Path, result: Path, args) -> dict:
+    torch.save(args, tmp / "inputs.pt")
+    r = subprocess.run([sys.executable, "-c", RUNNER, str(original), str(result), str(tmp / "inputs.pt"),
+                        str(tmp / "out.pt")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return torch.load(tmp / "out.pt", weights_only=False)
+
+
+def flat(y):
+    return torch.cat([t.flatten() for t in y]) if isinstance(y, tuple) else y.flatten()
+
+
+@pytest.mark.parametrize("mode", ["script", "trace"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rewritten_archive_runs_the_rank_r_model(cli, tmp_path, case, mode):
+    factory, make_inputs = CASES[case]
+    torch.manual_seed(0)
+    model = factory().eval()
+    args = make_inputs()
+    scripted = torch.jit.script(model) if mode == "script" else torch.jit.trace(model, args)
+    original = tmp_path / "model.pt"
+    torch.jit.save(scripted, str(original), _extra_files={"notes.txt": "keep me"})
+    result = tmp_path / "small.pt"
+    r = cli("apply", original, result, "--min-features", "8", "--min-channels", "8", "--latent-features", "0.25",
+            "--latent-channels", "0.25", "-q", "--json")
+    assert r.code == 0, r.stderr
+    layers = {e["name"]: e for e in r.json["layers"]}
+    ranks = {n: e["rank"] for n, e in layers.items() if e["action"] == "factorize"}
+    assert ranks and r.json["output"]["format"] == "torchscript"
+    if case == "twins":
+        assert {"a.fc", "b.fc", "a.conv", "b.conv", "head"} <= set(ranks)
+        assert layers["proj"]["reason"] == "not-rewritable" and "outside" in layers["proj"]["detail"]
+    if case == "cnn":
+        assert layers["c4"]["reason"] in ("grouped-conv", "not-rewritable")
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, rank in ranks.items():
+            layer = reference.get_submodule(name)
+            layer.weight.copy_(truncated(layer.weight, rank))
+        expected = reference(*args)
+    got = run_fresh(tmp_path, original, result, args)
+    assert got["clean"], "loading the result must not need factorize_cli"
+    assert float((flat(got["y"]) - flat(expected)).norm() / flat(expected).norm()) < 1e-5
+    assert got["params"][1] < got["params"][0]
+    if case == "twins" and mode == "script":
+        assert torch.allclose(got["extra"], reference.logits(args[0]), rtol=1e-4, atol=1e-5)
+    extra = {"notes.txt": ""}
+    torch.jit.load(str(result), _extra_files=extra)
+    assert extra["notes.txt"] in (b"keep me", "keep me")
+
+
+def test_plan_lists_what_apply_touches(cli, tmp_path):
+    torch.jit.save(torch.jit.script(Twins().eval()), str(tmp_path / "t.pt"))
+    args = ("--min-features", "8", "--min-channels", "8", "-q", "--json")
+    planned = cli("plan", tmp_path / "t.pt", *args).json
+    applied = cli("apply", tmp_path / "t.pt", tmp_path / "o.pt", *args).json
+    assert [(e["name"], e["action"], e["rank"]) for e in planned["layers"]] == \
+        [(e["name"], e["action"], e["rank"]) for e in applied["layers"]]
+    assert planned["input"]["format"] == "torchscript"
+
+
+def test_user_class_named_linear_is_not_a_candidate(cli, tmp_path):
+    class Linear(nn.Module):  # same name as torch's, different class
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(32, 32))
+
+        def forward(self, x):
+            return x @ self.weight
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mine = Linear()
+            self.real = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.real(self.mine(x))
+
+    torch.jit.save(torch.jit.script(Net()), str(tmp_path / "n.pt"))
+    r = cli("plan", tmp_path / "n.pt", "--min-features", "8", "-q", "--json")
+    assert [e["name"] for e in r.json["layers"]] == ["real"]
+
+
+def test_torchscript_output_must_be_an_archive(cli, tmp_path):
+    torch.jit.save(torch.jit.script(MLP()), str(tmp_path / "m.pt"))
+    r = cli("apply", tmp_path / "m.pt", tmp_path / "m.safetensors", "--min-features", "8")
+    assert r.code == 2 and "TorchScript archive" in r.stderr
+
+
+SILERO = "silero-vad==6.2.3"
+SILERO_RUNNER = """
+import json, math, sys, torch
+def signal(seconds=4.0, sr=16000):
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(int(seconds * sr)) / sr
+    voiced = sum(torch.sin(2 * math.pi * 120 * k * t) / k for k in range(1, 12))
+    speech = voiced * (0.5 + 0.5 * torch.sin(2 * math.pi * 4 * t)).clamp_min(0) ** 2 * 0.3
+    gate = (t > 1.0) & (t < 3.0)
+    return torch.where(gate, speech + 0.01 * torch.randn(len(t), generator=g), 0.003 * torch.randn(len(t), generator=g))
+def probabilities(m):
+    m.reset_states()
+    x = signal()
+    with torch.no_grad():
+        return torch.tensor([float(m(x[i:i + 512], 16000)) for i in range(0, len(x) - 511, 512)])
+original, result, report = sys.argv[1:4]
+reference = torch.jit.load(original)
+for e in json.load(open(report))["layers"]:
+    if e["action"] == "factorize":
+        sub = reference
+        for part in e["name"].split("."):
+            sub = getattr(sub, part)
+        w = sub.weight.detach().double()
+        u, s, vh = torch.linalg.svd(w.reshape(w.shape[0], -1), full_matrices=False)
+        r = e["rank"]
+        sub._c.setattr("weight", ((u[:, :r] * s[:r]) @ vh[:r]).reshape(w.shape).float())
+small = torch.jit.load(result)
+p_orig, p_small, p_ref = probabilities(torch.jit.load(original)), probabilities(small), probabilities(reference)
+print(json.dumps({"params": [sum(p.numel() for p in torch.jit.load(original).parameters()),
+                             sum(p.numel() for p in small.parameters())],
+                  "vs_reference": float((p_small - p_ref).abs().max()),
+                  "vs_original_mean": float((p_small - p_orig).abs().mean()),
+                  "vs_original_max": float((p_small - p_orig).abs().max()),
+                  "clean": "factorize_cli" not in sys.modules}))
+"""
+
+
+@pytest.fixture(scope="session")
+def silero(tmp_path_factory) -> Path:
+    import os
+    import zipfile
+    cache = Path(os.environ.get("FACTORIZE_TEST_CACHE", Path.home() / ".cache" / "factorize-tests"))
+    target = cache / "silero-vad" / "silero_vad.jit"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SILERO, "-d", str(cache)],
+                           capture_output=True, text=True, timeout=600)
+        wheels = sorted(cache.glob("silero_vad-6.2.3-*.whl"))
+        if r.returncode != 0 or not wheels:
+            pytest.skip(f"cannot download {SILERO}: {r.stderr.strip()[-200:]}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheels[0]) as z:
+            (target.with_suffix(".tmp")).write_bytes(z.read("silero_vad/data/silero_vad.jit"))
+        target.with_suffix(".tmp").rename(target)
+    return target
+
+
+@pytest.mark.slow
+def test_silero_vad_streaming(cli, silero, tmp_path):
+    result = tmp_path / "silero_small.jit"
+    r = cli("apply", silero, result, "--factorize-convs", "--min-channels", "64", "--latent-channels", "0.5", "-q",
+            "--json")
+    assert r.code == 0, r.stderr
+    done = [e for e in r.json["layers"] if e["action"] == "factorize"]
+    assert len(done) == 8 and {e["kind"] for e in done} == {"conv1d"}
+    run = subprocess.run([sys.executable, "-c", SILERO_RUNNER, str(silero), str(result),
+                          str(tmp_path / "silero_small.factorize.json")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    figures = json.loads(run.stdout)
+    print(f"\nsilero-vad: {figures}")
+    assert figures["clean"] and figures["params"][1] < figures["params"][0]
+    assert figures["vs_reference"] < 1e-4  # the rewrite computes exactly the rank-r model
