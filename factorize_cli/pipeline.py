@@ -8,7 +8,7 @@ import math
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,6 +19,8 @@ from factorize_cli.config import FactorizeConfig
 from factorize_cli.errors import GateError, InputError, OutputError, UsageError
 from factorize_cli.formats import OutputKind, check_output_path, open_checkpoint, output_kind, write_checkpoint
 from factorize_cli.formats.base import Checkpoint
+from factorize_cli.graphs.verify import VerifySpec
+from factorize_cli.graphs.verify import verify as run_verify
 from factorize_cli.planning import Inspector, LayerPlan, Plan, build_plan
 from factorize_cli.report import LayerResult, build_report, dumps
 from factorize_cli.rewrite import Placed, Role, output_layout
@@ -280,7 +282,8 @@ def raise_for_gates(report: dict[str, Any]) -> None:
 
 def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConfig, *, force: bool = False,
                      report_path: str | Path | None = None, unsafe_pickle: bool = False,
-                     progress: Progress | None = None, label: str | None = None) -> dict[str, Any]:
+                     progress: Progress | None = None, label: str | None = None,
+                     verify: Sequence[str] = (), verify_tol: float = 0.1) -> dict[str, Any]:
     """Factorize ``path`` into ``output`` and write the JSON report; returns the report.
 
     When a gate fails the report is written, the output is not, and :class:`GateError` is raised.
@@ -300,6 +303,9 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
         _check_device(config)
         whitener = Whitener(config.calibration)
         plan = make_plan(checkpoint, config, spectra=False, progress=progress, whitener=whitener)
+        specs = [VerifySpec.parse(text) for text in verify]
+        if specs and checkpoint.format != "torchscript":
+            raise UsageError("--verify runs models: it needs a TorchScript (or .pt2) input")
         if checkpoint.format == "torchscript":
             if kind is not OutputKind.TORCH:
                 raise UsageError(f"{output}: a TorchScript input is written as a TorchScript archive; "
@@ -326,8 +332,16 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
         results: dict[str, LayerResult] = {}
         final: dict[str, Any] = {}
 
-        def gate() -> None:  # runs before the output is renamed into place
+        def gate(written: Path) -> None:  # runs before the output is renamed into place
             final.update(report_now(results))
+            if specs:
+                final["verify"] = run_verify(checkpoint.format, source, written, specs, verify_tol)
+                if not final["verify"]["passed"]:
+                    final["gates"]["passed"] = False
+                    final["gates"]["checked"].append("verify")
+                    final["gates"]["violations"].append(
+                        f"--verify: max relative output difference {final['verify']['max_rel_diff']:.4g} > "
+                        f"--verify-tol {verify_tol:g}")
             raise_for_gates(final)
 
         metadata = {RANKS_METADATA_KEY: json.dumps(rank_map(plan), sort_keys=True)}
@@ -352,7 +366,7 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
             raise
         finally:
             progress.stop()
-        report = report_now(results)
+        report = final or report_now(results)  # the report the gates saw (verify included)
     write_text_atomic(report_path, dumps(report))
     return report
 

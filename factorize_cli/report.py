@@ -116,6 +116,7 @@ def build_report(*, command: str, checkpoint: Checkpoint, plan: Plan, results: d
         "totals": totals,
         "gates": evaluate_gates(plan.config.gates, layers, totals),
         "tradeoff": _tradeoff(plan, results),
+        "verify": None,
         "notes": list(plan.notes) + notes,
         "timing": timing,
     }

@@ -254,3 +254,36 @@ def test_silero_vad_streaming(cli, silero, tmp_path):
     print(f"\nsilero-vad: {figures}")
     assert figures["clean"] and figures["params"][1] < figures["params"][0]
     assert figures["vs_reference"] < 1e-4  # the rewrite computes exactly the rank-r model
+
+
+def test_verify_runs_both_models_in_a_fresh_process(cli, tmp_path):
+    torch.manual_seed(3)
+    model = MLP().eval()
+    from tests.conftest import decaying_matrix
+    with torch.no_grad():  # trained-like weights: fast decaying spectra
+        model.fc1.weight.copy_(decaying_matrix(64, 48, alpha=2.0, seed=1))
+        model.fc2.weight.copy_(decaying_matrix(40, 64, alpha=2.0, seed=2))
+    torch.jit.save(torch.jit.script(model), str(tmp_path / "m.pt"))
+    common = ["--min-features", "32", "--latent-features", "0.3", "--verify", "randn:7,48", "-q"]
+    r = cli("apply", tmp_path / "m.pt", tmp_path / "ok.pt", *common, "--json")
+    assert r.code == 0, r.stderr
+    v = r.json["verify"]
+    assert v["inputs"] == ["randn:7,48:float32"] and v["loaded_without_factorize"] and v["passed"]
+    assert 0 < v["max_rel_diff"] <= 0.1 and v["max_abs_diff"] > 0
+    r = cli("apply", tmp_path / "m.pt", tmp_path / "strict.pt", *common, "--verify-tol", "1e-9")
+    assert r.code == 1 and "--verify: max relative output difference" in r.stderr
+    assert not (tmp_path / "strict.pt").exists()
+    assert json.loads((tmp_path / "strict.factorize.json").read_text())["verify"]["passed"] is False
+
+
+@pytest.mark.parametrize("args,message", [(["--verify", "gauss:1,2"], "expected KIND"),
+                                          (["--verify", "randn:1,2:int8"], "expected KIND")])
+def test_verify_usage_errors(cli, tmp_path, args, message):
+    torch.jit.save(torch.jit.script(MLP()), str(tmp_path / "m.pt"))
+    r = cli("apply", tmp_path / "m.pt", tmp_path / "o.pt", *args)
+    assert r.code == 2 and message in r.stderr
+
+
+def test_verify_needs_a_graph_input(cli, toy_safetensors, tmp_path):
+    r = cli("apply", toy_safetensors, tmp_path / "o.safetensors", "--verify", "randn:1,4")
+    assert r.code == 2 and "needs a TorchScript" in r.stderr

@@ -20,6 +20,8 @@ Examples:
   factorize apply ckpts/ small/ --jsonl                            (mirror every checkpoint under ckpts/)
 
   cat model.safetensors | factorize apply - small.safetensors
+
+  factorize apply model.jit small.jit --verify randn:1,16000 --verify-tol 0.05   (TorchScript)
 """
 
 
@@ -37,6 +39,13 @@ def apply(
     globs: Globs = None,
     report: ReportPath = None,
     html: HtmlPath = None,
+    verify: Annotated[list[str] | None, typer.Option(
+        "--verify", metavar="SPEC", show_default=False,
+        help="Graph inputs only: run the original and the result on inputs built from SPEC (randn:1,3,224,224; "
+             "one per positional input, repeatable) in a fresh process; the differences go into the report.")] = None,
+    verify_tol: Annotated[float, typer.Option(
+        "--verify-tol", metavar="TOL", help="Fail (exit 1, no output) when --verify's max relative output "
+                                            "difference exceeds TOL.")] = 0.1,
     json_out: JsonOut = False,
     jsonl: Jsonl = False,
     quiet: Quiet = False,
@@ -60,7 +69,8 @@ def apply(
         with materialized(job.source) as path:
             result = apply_checkpoint(path, job.output, config, force=force, report_path=report,
                                       unsafe_pickle=unsafe_pickle, progress=RichProgress(enabled=not quiet),
-                                      label="<stdin>" if job.source == "-" else None)
+                                      label="<stdin>" if job.source == "-" else None,
+                                      verify=verify or (), verify_tol=verify_tol)
         write_html(html, result)
         return result
 

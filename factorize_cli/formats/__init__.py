@@ -124,7 +124,7 @@ def check_output_path(output: Path, inputs: Iterable[Path], *, force: bool) -> N
 
 def write_checkpoint(checkpoint: Checkpoint, layout: Sequence, tensors: Iterator, dest: Path,
                      *, metadata: dict[str, str], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                     before_commit: Callable[[], None] = lambda: None) -> list[str]:
+                     before_commit: Callable[[Path], None] = lambda tmp: None) -> list[str]:
     """Write ``tensors`` (in ``layout`` order) to ``dest`` atomically; return the files written.
 
     ``before_commit`` runs once everything is written but before it appears at ``dest``; an
@@ -142,7 +142,7 @@ def write_checkpoint(checkpoint: Checkpoint, layout: Sequence, tensors: Iterator
             state.update(checkpoint.passthrough)
         with atomic_path(dest) as tmp:
             save_torch(build_container(checkpoint, state), tmp)
-            before_commit()
+            before_commit(tmp)
         return [str(dest)]
 
     from factorize_cli.formats.safetensors import write_safetensors
@@ -150,7 +150,7 @@ def write_checkpoint(checkpoint: Checkpoint, layout: Sequence, tensors: Iterator
     if kind is OutputKind.SAFETENSORS:
         with atomic_path(dest) as tmp:
             write_safetensors(tmp, layout, tensors, {**checkpoint.metadata, **metadata})
-            before_commit()
+            before_commit(tmp)
         return [str(dest)]
 
     shards = assign_shards(checkpoint, layout, max_shard_bytes)
@@ -164,7 +164,7 @@ def write_checkpoint(checkpoint: Checkpoint, layout: Sequence, tensors: Iterator
         index = {"metadata": {"total_size": sum(e.nbytes for e in layout), **metadata},
                  "weight_map": weight_map}
         (tmp / index_name).write_text(json.dumps(index, indent=2) + "\n")
-        before_commit()
+        before_commit(tmp)
     return [str(dest / name) for name in shards] + [str(dest / index_name)]
 
 

@@ -240,5 +240,5 @@ def write_rewritten(archive: Archive, plan, factorize, results: dict, progress, 
     with atomic_path(output) as tmp:
         torch.jit.save(archive.module, str(tmp), _extra_files=archive.extra_files)
         torch.jit.load(str(tmp), map_location="cpu")  # a graph that saves can still fail to load
-        before_commit()
+        before_commit(tmp)
     return [str(output)]

@@ -1,0 +1,96 @@
+"""``--verify``: run the original and the rewritten model on the same inputs, in a fresh process.
+
+The child process imports torch only (never this package), so the check also proves that the
+output loads without factorize. Inputs come from specs like ``randn:1,3,224,224`` (one per
+positional input; ``randn``, ``rand``, ``zeros``, ``ones``, optional ``:dtype``), seeded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from factorize_cli.errors import InputError, UsageError
+
+_SPEC = re.compile(r"^(randn|rand|zeros|ones):(\d+(?:,\d+)*)(?::(float32|float64|float16|bfloat16))?$")
+
+RUNNER = r"""
+import json, sys, torch
+fmt, original, result = sys.argv[1:4]
+specs = json.loads(sys.argv[4])
+def load(path):
+    if fmt == "torchscript":
+        m = torch.jit.load(path, map_location="cpu")
+    else:
+        m = torch.export.load(path).module()
+    return m
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for kind, shape, dtype in specs:
+        dt = getattr(torch, dtype)
+        if kind == "randn":
+            out.append(torch.randn(shape, generator=g).to(dt))
+        elif kind == "rand":
+            out.append(torch.rand(shape, generator=g).to(dt))
+        else:
+            out.append(getattr(torch, kind)(shape, dtype=dt))
+    return out
+def flat(y):
+    if isinstance(y, torch.Tensor):
+        return [y.detach().double().flatten()]
+    if isinstance(y, dict):
+        return [t for k in sorted(y) for t in flat(y[k])]
+    if isinstance(y, (list, tuple)):
+        return [t for item in y for t in flat(item)]
+    return []
+with torch.no_grad():
+    a = flat(load(original)(*inputs()))
+    b = flat(load(result)(*inputs()))
+if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+    print(json.dumps({"error": "the outputs differ in structure or shape"}))
+    sys.exit(0)
+a, b = torch.cat(a), torch.cat(b)
+diff = (a - b).abs()
+scale = float(a.abs().max()) or 1.0
+print(json.dumps({"max_abs_diff": float(diff.max()) if diff.numel() else 0.0,
+                  "max_rel_diff": (float(diff.max()) / scale) if diff.numel() else 0.0,
+                  "clean": "factorize_cli" not in sys.modules}))
+"""
+
+
+@dataclass(frozen=True)
+class VerifySpec:
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    @classmethod
+    def parse(cls, text: str) -> VerifySpec:
+        match = _SPEC.match(text.strip())
+        if not match:
+            raise UsageError(f"--verify {text!r}: expected KIND:D1,D2,...[:DTYPE] with KIND one of randn, rand, "
+                             "zeros, ones (e.g. randn:1,3,224,224)")
+        kind, dims, dtype = match.groups()
+        return cls(kind, tuple(int(d) for d in dims.split(",")), dtype or "float32")
+
+
+def verify(fmt: str, original: Path, result: Path, specs: list[VerifySpec], tolerance: float) -> dict:
+    """Run both models in a fresh interpreter; the report's ``verify`` section."""
+    args = json.dumps([[s.kind, list(s.shape), s.dtype] for s in specs])
+    run = subprocess.run([sys.executable, "-c", RUNNER, fmt, str(original), str(result), args],
+                         capture_output=True, text=True, timeout=3600)
+    if run.returncode != 0:
+        last = (run.stderr.strip().splitlines() or ["no output"])[-1]
+        raise InputError(f"--verify: running the models failed: {last[:300]}")
+    outcome = json.loads(run.stdout.strip().splitlines()[-1])
+    if "error" in outcome:
+        raise InputError(f"--verify: {outcome['error']}")
+    return {"inputs": [f"{s.kind}:{','.join(map(str, s.shape))}:{s.dtype}" for s in specs],
+            "max_abs_diff": outcome["max_abs_diff"], "max_rel_diff": outcome["max_rel_diff"],
+            "tolerance": tolerance, "passed": outcome["max_rel_diff"] <= tolerance,
+            "loaded_without_factorize": outcome["clean"]}
