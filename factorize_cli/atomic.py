@@ -50,7 +50,8 @@ def sweep_stale(dest: Path) -> None:
 def atomic_path(dest: Path, *, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success it replaces ``dest``."""
     sweep_stale(dest)
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    # the destination's suffix is kept at the end: some writers (torch.export) insist on it
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{dest.suffix}"
     if directory:
         tmp.mkdir()
     try:

@@ -34,6 +34,21 @@ if TYPE_CHECKING:  # torch is imported where weights are read: a header-only pla
 RANKS_METADATA_KEY = "factorize.ranks"
 
 
+def _torchscript():
+    from factorize_cli.graphs import torchscript
+    return torchscript
+
+
+def _exported():
+    from factorize_cli.graphs import export
+    return export
+
+
+# Formats that carry code: candidates come from their graphs, and apply rewrites the graph.
+GRAPH_FORMATS = {"torchscript": _torchscript, "torch-export": _exported}
+GRAPH_OUTPUTS = {"torchscript": "torchscript", "torch-export": "torch-export"}
+
+
 class Progress(Protocol):
     def start(self, description: str, total: int) -> None: ...
     def advance(self, label: str) -> None: ...
@@ -123,10 +138,8 @@ def make_plan(checkpoint: Checkpoint, config: FactorizeConfig, *, spectra: bool,
     with ``read_weights=False`` (and no spectra) only headers are read."""
     progress = progress or _Silent()
     spectra = spectra or config.needs_spectra
-    if checkpoint.format == "torchscript":
-        from factorize_cli.graphs.torchscript import candidates as structural
-
-        candidates = structural(checkpoint.container)
+    if checkpoint.format in GRAPH_FORMATS:
+        candidates = GRAPH_FORMATS[checkpoint.format]().candidates(checkpoint.container)
     else:
         candidates = list(candidates_from_keys(checkpoint))
     whitener = whitener or Whitener(config.calibration)
@@ -172,6 +185,7 @@ def factorize_layer(weight: torch.Tensor, layer: LayerPlan, config: FactorizeCon
     """The factors of one planned layer (whitened when calibrated) and what they achieved."""
     from factorize_cli.factorization import factorize_checked, factorize_whitened, sum_squares
 
+    weight = weight.detach()
     seed = layer_seed(config.seed, layer.name)
     output_error = None
     if layer.calibrated and whitener is not None:
@@ -241,7 +255,7 @@ def plan_checkpoint(path: str | Path, config: FactorizeConfig, *, spectra: bool 
     with open_checkpoint(path, unsafe_pickle=unsafe_pickle) as checkpoint:
         _check_device(config)
         plan = make_plan(checkpoint, config, spectra=wanted, read_weights=False, progress=progress)
-        if checkpoint.format != "torchscript":
+        if checkpoint.format not in GRAPH_FORMATS:
             output_layout(checkpoint, plan)  # the same validation apply does (key collisions)
         notes = [] if wanted or config.needs_spectra else \
             ["headers only: weights were not read (no NaN/Inf check, no predicted error); pass --spectra"]
@@ -304,14 +318,17 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
         whitener = Whitener(config.calibration)
         plan = make_plan(checkpoint, config, spectra=False, progress=progress, whitener=whitener)
         specs = [VerifySpec.parse(text) for text in verify]
-        if specs and checkpoint.format != "torchscript":
-            raise UsageError("--verify runs models: it needs a TorchScript (or .pt2) input")
-        if checkpoint.format == "torchscript":
-            if kind is not OutputKind.TORCH:
-                raise UsageError(f"{output}: a TorchScript input is written as a TorchScript archive; "
-                                 "give a .pt or .jit output path")
-            kind = OutputKind.TORCHSCRIPT
-        layout = output_layout(checkpoint, plan) if kind is not OutputKind.TORCHSCRIPT else []
+        graph = checkpoint.format in GRAPH_FORMATS
+        if specs and not graph:
+            raise UsageError("--verify runs models: it needs a TorchScript or .pt2 input")
+        if graph:
+            wanted = OutputKind(GRAPH_OUTPUTS[checkpoint.format])
+            if kind not in (wanted, OutputKind.TORCH) or (wanted is OutputKind.TORCH_EXPORT and kind is not wanted):
+                suffix = ".pt2" if wanted is OutputKind.TORCH_EXPORT else ".pt or .jit"
+                raise UsageError(f"{output}: a {checkpoint.format} input is written back in its own format; "
+                                 f"give a {suffix} output path")
+            kind = wanted
+        layout = [] if graph else output_layout(checkpoint, plan)
         destination = {"path": str(output), "format": kind.value, "files": [], "report": str(report_path),
                        "tensors": len(layout) if layout else len(checkpoint.infos), "written": False}
 
@@ -347,10 +364,8 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
         metadata = {RANKS_METADATA_KEY: json.dumps(rank_map(plan), sort_keys=True)}
         progress.start("factorizing", len(plan.to_factorize))
         try:
-            if kind is OutputKind.TORCHSCRIPT:
-                from factorize_cli.graphs.torchscript import write_rewritten
-
-                destination["files"] = write_rewritten(
+            if graph:
+                destination["files"] = GRAPH_FORMATS[checkpoint.format]().write_rewritten(
                     checkpoint.container, plan,
                     lambda layer: factorize_layer(checkpoint.get(layer.candidate.weight.key), layer, config,
                                                   whitener),

@@ -32,6 +32,7 @@ class OutputKind(str, Enum):
     SHARDED = "safetensors-sharded"
     TORCH = "torch"
     TORCHSCRIPT = "torchscript"
+    TORCH_EXPORT = "torch-export"
 
 
 def sniff(path: Path) -> str:
@@ -50,7 +51,7 @@ def sniff(path: Path) -> str:
         if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
             return "torchscript"
         if any(n.endswith("serialized_exported_program.json") or n.endswith("/archive_format") for n in names):
-            raise InputError(f"{path}: is a torch.export .pt2 archive; .pt2 input is not supported yet")
+            return "torch-export"
         return "torch-zip"
     if head[8:9] == b"{" or path.suffix == ".safetensors":
         return "safetensors"  # its reader validates the header and says what is wrong
@@ -78,6 +79,8 @@ def open_checkpoint(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> 
         return open_safetensors_file(path)
     if kind == "torchscript":
         return _open_torchscript(path)
+    if kind == "torch-export":
+        return _open_exported(path)
     from factorize_cli.formats.torchfile import open_torch_file
     return open_torch_file(path, unsafe_pickle=unsafe_pickle)
 
@@ -97,9 +100,31 @@ def _open_torchscript(path: Path) -> Checkpoint:
                       container=archive)
 
 
+def _open_exported(path: Path) -> Checkpoint:
+    import warnings
+
+    import torch
+
+    from factorize_cli.errors import describe
+    from factorize_cli.formats.torchfile import _MappingReader
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.load(str(path))
+    except Exception as e:  # the loader raises many kinds on damaged archives
+        raise InputError(f"{path}: not a loadable torch.export program ({describe(e)})") from e
+    state = dict(program.state_dict)
+    infos = [TensorInfo(key, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for key, t in state.items()]
+    return Checkpoint(path=str(path), format="torch-export", infos=infos, reader=_MappingReader(state),
+                      container=program)
+
+
 def output_kind(path: Path) -> OutputKind:
     if path.suffix == ".safetensors":
         return OutputKind.SAFETENSORS
+    if path.suffix == ".pt2":
+        return OutputKind.TORCH_EXPORT
     if path.suffix in TORCH_SUFFIXES:
         return OutputKind.TORCH
     if path.is_dir() or path.suffix == "":
