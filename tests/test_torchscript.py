@@ -287,3 +287,33 @@ def test_verify_usage_errors(cli, tmp_path, args, message):
 def test_verify_needs_a_graph_input(cli, toy_safetensors, tmp_path):
     r = cli("apply", toy_safetensors, tmp_path / "o.safetensors", "--verify", "randn:1,4")
     assert r.code == 2 and "needs a TorchScript" in r.stderr
+
+
+class Twice(nn.Module):
+    """One module registered under two names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(32, 32)
+        self.b = self.a
+        self.c = nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_module_registered_twice(cli, tmp_path):
+    torch.manual_seed(4)
+    model = Twice().eval()
+    torch.jit.save(torch.jit.script(model), str(tmp_path / "t.pt"))
+    r = cli("apply", tmp_path / "t.pt", tmp_path / "s.pt", "--min-features", "8", "-q", "--json")
+    assert r.code == 0, r.stderr
+    ranks = {e["name"]: e["rank"] for e in r.json["layers"] if e["action"] == "factorize"}
+    reference = copy.deepcopy(model)  # a and b stay one module here, as in the original
+    with torch.no_grad():
+        for name in {"a", "c"} & set(ranks):
+            layer = reference.get_submodule(name)
+            layer.weight.copy_(truncated(layer.weight, ranks[name]))
+    x = torch.randn(6, 32)
+    got = run_fresh(tmp_path, tmp_path / "t.pt", tmp_path / "s.pt", (x,))
+    assert float((got["y"] - reference(x)).norm() / reference(x).norm()) < 1e-5
