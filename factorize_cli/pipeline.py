@@ -416,3 +416,48 @@ def factorize_state_dict(state_dict: Mapping[str, Any], config: FactorizeConfig 
     report = build_report(command="apply", checkpoint=checkpoint, plan=plan, results=results, output=None,
                           notes=[], timing=_timing(started, t0))
     return out, report
+
+
+def calibrate_checkpoint(model: str | Path, inputs: str | Path, stats: str | Path, *, device: str = "cpu",
+                         force: bool = False) -> dict[str, Any]:
+    """Run a TorchScript or .pt2 model on saved inputs and write each candidate layer's statistics."""
+    import torch
+
+    from factorize_cli.calibration import save_activation_stats
+    from factorize_cli.errors import describe
+
+    stats, model = Path(stats), Path(model)
+    check_output_path(stats, [model, Path(inputs)], force=force)
+    try:
+        loaded = torch.load(inputs, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"{inputs}: no such file") from None
+    except Exception as e:
+        raise InputError(f"{inputs}: not a torch.save file of input tensors ({describe(e)})") from e
+    if isinstance(loaded, torch.Tensor):
+        batches = [loaded]
+    elif isinstance(loaded, (list, tuple)) and loaded and all(
+            isinstance(b, torch.Tensor) or (isinstance(b, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in b))
+            for b in loaded):
+        batches = list(loaded)
+    else:
+        raise InputError(f"{inputs}: expected a tensor or a list of batches (tensors or tuples of tensors)")
+    batches = [tuple(t.to(device) for t in b) if isinstance(b, (list, tuple)) else b.to(device) for b in batches]
+    with open_checkpoint(model) as checkpoint:
+        if checkpoint.format not in GRAPH_FORMATS:
+            raise UsageError(f"{model}: calibrate runs a model (TorchScript or .pt2); for a state dict, collect "
+                             "statistics with factorize_cli.collect_activation_stats on the live model")
+        layers = {c.name: c.weight.shape for c in GRAPH_FORMATS[checkpoint.format]().candidates(checkpoint.container)
+                  if c.unsafe is None}
+        from factorize_cli.graphs import calibrate as graph_calibration
+
+        run = graph_calibration.calibrate_torchscript if checkpoint.format == "torchscript" \
+            else graph_calibration.calibrate_exported
+        try:
+            collected = run(checkpoint.container, layers, batches, device=device)
+        except RuntimeError as e:
+            raise InputError(f"{model}: running the model on {inputs} failed ({describe(e)})") from e
+    save_activation_stats(collected, stats, {"model": str(model), "inputs": str(inputs),
+                                             "batches": str(len(batches))})
+    return {"stats": str(stats), "layers": {name: s.count for name, s in sorted(collected.items())},
+            "batches": len(batches)}

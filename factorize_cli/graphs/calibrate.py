@@ -1,0 +1,163 @@
+"""Activation statistics for graph formats, where Python hooks cannot reach the layers.
+
+- TorchScript: the root's inlined graphs get, before each layer call, an ``aten::append`` of the
+  call's input to a list attribute of the root (in memory only; the archive is never saved). After
+  each batch the lists are turned into statistics and emptied, so memory stays bounded.
+- .pt2: the program's module runs under an FX interpreter that sees each call's input.
+The op's own stride/padding/dilation give the unfolded patches, so padding modes done by an
+earlier ``pad`` op are already in the input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from factorize_cli.calibration import ActivationStats
+
+
+def rows(kind: str, x: torch.Tensor, weight_shape: tuple[int, ...], stride=None, padding=None,
+         dilation=None) -> torch.Tensor:
+    """The rows a layer's weight matrix multiplies, from the call's arguments."""
+    if kind == "linear":
+        return x.reshape(-1, x.shape[-1])
+    kernel = tuple(weight_shape[2:])
+    dims = len(kernel)
+    stride, dilation = _tuple(stride, dims, 1), _tuple(dilation, dims, 1)
+    if isinstance(padding, str):
+        if padding == "same":
+            pads = []
+            for k, d in zip(reversed(kernel), reversed(dilation)):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            x = nn.functional.pad(x, pads)
+        padding = (0,) * dims
+    padding = _tuple(padding, dims, 0)
+    if dims == 2:
+        patches = nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    x = nn.functional.pad(x, (padding[0], padding[0]))
+    (k,), (d,), (s,) = kernel, dilation, stride
+    windows = x.unfold(2, (k - 1) * d + 1, s)[..., ::d]
+    return windows.permute(0, 2, 1, 3).reshape(-1, x.shape[1] * k)
+
+
+def _evaluate(root, value):
+    """A call argument's value when it is static: a constant, a list of constants, or a module attribute."""
+    node = value.node()
+    if node.kind() == "prim::Constant":
+        return value.toIValue()
+    if node.kind() == "prim::ListConstruct":
+        items = [_evaluate(root, v) for v in node.inputs()]
+        return None if any(i is None for i in items) else items
+    if node.kind() == "prim::GetAttr":
+        names = []
+        while node.kind() == "prim::GetAttr":
+            names.append(node.s("name"))
+            node = node.inputsAt(0).node()
+        if node.kind() != "prim::Param":
+            return None
+        target = root._c
+        for name in reversed(names):
+            target = target.getattr(name)
+        return target if isinstance(target, (int, str, list, tuple)) else None
+    return None
+
+
+def _tuple(value, dims: int, default: int) -> tuple[int, ...]:
+    if value is None:
+        return (default,) * dims
+    if isinstance(value, int):
+        return (value,) * dims
+    value = tuple(int(v) for v in value)
+    return value * dims if len(value) == 1 and dims > 1 else value
+
+
+def _empty(fan_in: int) -> ActivationStats:
+    return ActivationStats(torch.zeros(fan_in, fan_in, dtype=torch.float64),
+                           torch.zeros(fan_in, dtype=torch.float64), 0)
+
+
+def _call(model, batch) -> None:
+    if isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
+def calibrate_torchscript(archive, layers: dict[str, tuple[int, ...]], batches: Iterable[Any],
+                          device: str = "cpu") -> dict[str, ActivationStats]:
+    """Statistics of each layer in ``layers`` ({name: weight shape}) over the batches."""
+    from factorize_cli.graphs.torchscript import _attribute_path, _walk
+
+    root = archive.module
+    taps: dict[str, tuple[str, str, tuple]] = {}  # layer -> (attribute, op kind, (stride, padding, dilation))
+    for method in root._c._method_names():
+        graph = root._c._get_method(method).graph
+        self_value = next(graph.inputs())
+        for node in list(_walk(graph)):
+            if not node.kind() in ("aten::linear", "aten::conv1d", "aten::conv2d", "aten::_convolution"):
+                continue
+            path = _attribute_path(node.inputsAt(1))
+            layer = path.removesuffix(".weight") if path else None
+            if layer not in layers:
+                continue
+            attribute = "calibration__" + layer.replace(".", "__")
+            if layer not in taps:
+                root._c._register_attribute(attribute, torch._C.ListType.ofTensors(), [])
+                inputs = [_evaluate(root, i) for i in node.inputs()]
+                kind = "linear" if node.kind() == "aten::linear" else "conv"
+                taps[layer] = (attribute, kind, tuple(inputs[3:6]) if kind == "conv" else ())
+            get = graph.create("prim::GetAttr", [self_value])
+            get.s_("name", attribute)
+            get.output().setType(torch._C.ListType.ofTensors())
+            get.insertBefore(node)
+            append = graph.create("aten::append", [get.output(), node.inputsAt(0)], 1)
+            append.output().setType(torch._C.ListType.ofTensors())
+            append.insertBefore(node)
+    stats = {layer: _empty(int(torch.tensor(shape[1:]).prod())) for layer, shape in layers.items() if layer in taps}
+    root.to(device)
+    with torch.no_grad():
+        for batch in batches:
+            _call(root, batch)
+            for layer, (attribute, kind, conv_args) in taps.items():
+                for x in root._c.getattr(attribute):
+                    stats[layer].add(rows(kind, x.detach(), layers[layer], *conv_args).cpu())
+                root._c.setattr(attribute, [])
+    return stats
+
+
+def calibrate_exported(program, layers: dict[str, tuple[int, ...]], batches: Iterable[Any],
+                       device: str = "cpu") -> dict[str, ActivationStats]:
+    from torch.fx import Interpreter
+
+    module = program.module().to(device)
+    wanted = {f"{layer}.weight": layer for layer in layers}
+    stats: dict[str, ActivationStats] = {}
+
+    class Tap(Interpreter):
+        def run_node(self, n):
+            target = getattr(n.target, "overloadpacket", None)
+            name = target.__name__ if target is not None else ""
+            if n.op == "call_function" and name in ("linear", "conv1d", "conv2d") and len(n.args) > 1 \
+                    and getattr(n.args[1], "op", None) == "get_attr" and n.args[1].target in wanted:
+                layer = wanted[n.args[1].target]
+                x = self.env[n.args[0]]
+                args = list(n.args) + [None] * 7
+                conv_args = (args[3], args[4], args[5]) if name != "linear" else ()
+                kind = "linear" if name == "linear" else "conv"
+                shape = layers[layer]
+                entry = stats.setdefault(layer, _empty(int(torch.tensor(shape[1:]).prod())))
+                entry.add(rows(kind, x.detach(), shape, *conv_args).cpu())
+            return super().run_node(n)
+
+    with torch.no_grad():
+        for batch in batches:
+            args = batch if isinstance(batch, (tuple, list)) else (batch,)
+            Tap(module).run(*args)
+    return stats
