@@ -92,9 +92,9 @@ def _open_torchscript(path: Path) -> Checkpoint:
 
     try:
         archive = load_archive(path)
+        state = archive.module.state_dict()
     except Exception as e:  # the TorchScript loader raises many kinds on damaged archives
         raise InputError(f"{path}: not a loadable TorchScript archive ({describe(e)})") from e
-    state = archive.module.state_dict()
     infos = [TensorInfo(key, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for key, t in state.items()]
     return Checkpoint(path=str(path), format="torchscript", infos=infos, reader=_MappingReader(state),
                       container=archive)
@@ -112,9 +112,10 @@ def _open_exported(path: Path) -> Checkpoint:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.export.load(str(path))
+            state = dict(program.state_dict)
+            program.validate()
     except Exception as e:  # the loader raises many kinds on damaged archives
         raise InputError(f"{path}: not a loadable torch.export program ({describe(e)})") from e
-    state = dict(program.state_dict)
     infos = [TensorInfo(key, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for key, t in state.items()]
     return Checkpoint(path=str(path), format="torch-export", infos=infos, reader=_MappingReader(state),
                       container=program)

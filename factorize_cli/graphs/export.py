@@ -19,6 +19,8 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
+from factorize_cli.errors import InputError, describe
+
 _KINDS = {"linear": "linear", "conv1d": "conv1d", "conv2d": "conv2d"}
 
 
@@ -143,10 +145,13 @@ def write_rewritten(ep: ExportedProgram, plan, factorize, results: dict, progres
         outcome, results[layer.name] = factorize(layer)
         factors[layer.name] = (outcome.factors.first, outcome.factors.second)
         progress.advance(layer.name)
-    program = rewrite(ep, factors)
     with atomic_path(output) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.export.save(program, str(tmp))
-        torch.export.load(str(tmp)).module()  # a program that saves can still fail to load
+        try:
+            torch.export.save(rewrite(ep, factors), str(tmp))
+            torch.export.load(str(tmp)).module()  # a program that saves can still fail to load
+        except Exception as e:
+            raise InputError(f"{output}: the rewritten program does not save and load ({describe(e)}); "
+                             "nothing was written") from e
         before_commit(tmp)
     return [str(output)]

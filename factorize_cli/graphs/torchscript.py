@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from factorize_cli.errors import InputError, describe
+
 _TORCH_LAYER = re.compile(r"^__torch__\.torch\.nn\.modules\.(linear|conv)\.(___torch_mangle_\d+\.)?"
                           r"(Linear|Conv1d|Conv2d)$")
 _OPS = {"aten::linear", "aten::conv1d", "aten::conv2d", "aten::_convolution"}
@@ -235,10 +237,17 @@ def write_rewritten(archive: Archive, plan, factorize, results: dict, progress, 
 
     for layer in plan.to_factorize:
         outcome, results[layer.name] = factorize(layer)
-        rewrite_layer(archive.module, layer.name, outcome.factors.first, outcome.factors.second)
+        try:
+            rewrite_layer(archive.module, layer.name, outcome.factors.first, outcome.factors.second)
+        except RuntimeError as e:
+            raise InputError(f"{layer.name}: the graph could not be rewritten ({describe(e)})") from e
         progress.advance(layer.name)
     with atomic_path(output) as tmp:
-        torch.jit.save(archive.module, str(tmp), _extra_files=archive.extra_files)
-        torch.jit.load(str(tmp), map_location="cpu")  # a graph that saves can still fail to load
+        try:
+            torch.jit.save(archive.module, str(tmp), _extra_files=archive.extra_files)
+            torch.jit.load(str(tmp), map_location="cpu")  # a graph that saves can still fail to load
+        except RuntimeError as e:
+            raise InputError(f"{output}: the rewritten archive does not save and load ({describe(e)}); "
+                             "nothing was written") from e
         before_commit(tmp)
     return [str(output)]
