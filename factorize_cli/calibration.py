@@ -91,16 +91,20 @@ def collect_activation_stats(model: nn.Module, batches: Iterable[Any], *, layers
     try:
         with torch.no_grad():
             for batch in batches:
-                if isinstance(batch, Mapping):
-                    model(**batch)
-                elif isinstance(batch, (tuple, list)):
-                    model(*batch)
-                else:
-                    model(batch)
+                run_batch(model, batch)
     finally:
         for h in handles:
             h.remove()
     return stats
+
+
+def run_batch(model, batch: Any) -> Any:
+    """Call ``model`` on one batch: a tensor, a tuple of positional inputs, or a dict of keyword inputs."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
 
 
 def save_activation_stats(stats: Mapping[str, ActivationStats], path: str | Path,

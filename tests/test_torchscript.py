@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from tests.test_modules import truncated
+from tests.conftest import fetch_wheel_folder
+from tests.test_modules import reference_model, truncated
 
 
 class MLP(nn.Module):
@@ -126,11 +127,8 @@ def test_rewritten_archive_runs_the_rank_r_model(cli, tmp_path, case, mode):
         assert layers["proj"]["reason"] == "not-rewritable" and "outside" in layers["proj"]["detail"]
     if case == "cnn":
         assert layers["c4"]["reason"] in ("grouped-conv", "not-rewritable")
-    reference = copy.deepcopy(model)
+    reference = reference_model(model, ranks)
     with torch.no_grad():
-        for name, rank in ranks.items():
-            layer = reference.get_submodule(name)
-            layer.weight.copy_(truncated(layer.weight, rank))
         expected = reference(*args)
     got = run_fresh(tmp_path, original, result, args)
     assert got["clean"], "loading the result must not need factorize_cli"
@@ -220,23 +218,8 @@ print(json.dumps({"params": [sum(p.numel() for p in torch.jit.load(original).par
 
 
 @pytest.fixture(scope="session")
-def silero(tmp_path_factory) -> Path:
-    import os
-    import zipfile
-    cache = Path(os.environ.get("FACTORIZE_TEST_CACHE", Path.home() / ".cache" / "factorize-tests"))
-    target = cache / "silero-vad" / "silero_vad.jit"
-    if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SILERO, "-d", str(cache)],
-                           capture_output=True, text=True, timeout=600)
-        wheels = sorted(cache.glob("silero_vad-6.2.3-*.whl"))
-        if r.returncode != 0 or not wheels:
-            pytest.skip(f"cannot download {SILERO}: {r.stderr.strip()[-200:]}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(wheels[0]) as z:
-            (target.with_suffix(".tmp")).write_bytes(z.read("silero_vad/data/silero_vad.jit"))
-        target.with_suffix(".tmp").rename(target)
-    return target
+def silero() -> Path:
+    return fetch_wheel_folder(SILERO, "silero_vad/data/", "silero-vad") / "silero_vad.jit"
 
 
 @pytest.mark.slow

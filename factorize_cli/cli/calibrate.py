@@ -34,7 +34,7 @@ def calibrate(
     import sys
 
     from factorize_cli.cli.options import _device
-    from factorize_cli.pipeline import calibrate_checkpoint
+    from factorize_cli.graphs.calibrate import calibrate_checkpoint
 
     summary = calibrate_checkpoint(model, inputs, stats, device=_device(device), force=force)
     if not quiet:

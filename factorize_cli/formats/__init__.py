@@ -87,7 +87,7 @@ def open_checkpoint(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> 
 
 def _open_torchscript(path: Path) -> Checkpoint:
     from factorize_cli.errors import describe
-    from factorize_cli.formats.torchfile import _MappingReader
+    from factorize_cli.formats.torchfile import MappingReader
     from factorize_cli.graphs.torchscript import load_archive
 
     try:
@@ -96,7 +96,7 @@ def _open_torchscript(path: Path) -> Checkpoint:
     except Exception as e:  # the TorchScript loader raises many kinds on damaged archives
         raise InputError(f"{path}: not a loadable TorchScript archive ({describe(e)})") from e
     infos = [TensorInfo(key, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for key, t in state.items()]
-    return Checkpoint(path=str(path), format="torchscript", infos=infos, reader=_MappingReader(state),
+    return Checkpoint(path=str(path), format="torchscript", infos=infos, reader=MappingReader(state),
                       container=archive)
 
 
@@ -106,7 +106,7 @@ def _open_exported(path: Path) -> Checkpoint:
     import torch
 
     from factorize_cli.errors import describe
-    from factorize_cli.formats.torchfile import _MappingReader
+    from factorize_cli.formats.torchfile import MappingReader
 
     try:
         with warnings.catch_warnings():
@@ -117,7 +117,7 @@ def _open_exported(path: Path) -> Checkpoint:
     except Exception as e:  # the loader raises many kinds on damaged archives
         raise InputError(f"{path}: not a loadable torch.export program ({describe(e)})") from e
     infos = [TensorInfo(key, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for key, t in state.items()]
-    return Checkpoint(path=str(path), format="torch-export", infos=infos, reader=_MappingReader(state),
+    return Checkpoint(path=str(path), format="torch-export", infos=infos, reader=MappingReader(state),
                       container=program)
 
 

@@ -22,7 +22,7 @@ CONTAINER_KEYS = (
 )
 
 
-class _MappingReader:
+class MappingReader:
     def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self._tensors = tensors
 
@@ -80,7 +80,7 @@ def checkpoint_from_mapping(state_dict: Mapping[str, Any], *, path: str = "<memo
     infos = [TensorInfo(k, tuple(t.shape), dtype_name(t.dtype)) for k, t in tensors.items()]
     extras = {k: v for k, v in state_dict.items() if not isinstance(v, torch.Tensor)}
     return Checkpoint(
-        path=path, format=fmt, infos=infos, reader=_MappingReader(tensors),
+        path=path, format=fmt, infos=infos, reader=MappingReader(tensors),
         container=container if container is not None else state_dict,
         container_path=container_path, passthrough=extras, tied=_shared_storage(tensors),
     )

@@ -11,12 +11,13 @@ earlier ``pad`` op are already in the input.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from factorize_cli.calibration import ActivationStats
+from factorize_cli.calibration import ActivationStats, run_batch
 
 
 def rows(kind: str, x: torch.Tensor, weight_shape: tuple[int, ...], stride=None, padding=None,
@@ -81,29 +82,20 @@ def _empty(fan_in: int) -> ActivationStats:
                            torch.zeros(fan_in, dtype=torch.float64), 0)
 
 
-def _call(model, batch) -> None:
-    if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
-
-
 def calibrate_torchscript(archive, layers: dict[str, tuple[int, ...]], batches: Iterable[Any],
                           device: str = "cpu") -> dict[str, ActivationStats]:
     """Statistics of each layer in ``layers`` ({name: weight shape}) over the batches."""
-    from factorize_cli.graphs.torchscript import _attribute_path, _walk
+    from factorize_cli.graphs.torchscript import attribute_path, walk
 
     root = archive.module
     taps: dict[str, tuple[str, str, tuple]] = {}  # layer -> (attribute, op kind, (stride, padding, dilation))
     for method in root._c._method_names():
         graph = root._c._get_method(method).graph
         self_value = next(graph.inputs())
-        for node in list(_walk(graph)):
+        for node in list(walk(graph)):
             if not node.kind() in ("aten::linear", "aten::conv1d", "aten::conv2d", "aten::_convolution"):
                 continue
-            path = _attribute_path(node.inputsAt(1))
+            path = attribute_path(node.inputsAt(1))
             layer = path.removesuffix(".weight") if path else None
             if layer not in layers:
                 continue
@@ -124,7 +116,7 @@ def calibrate_torchscript(archive, layers: dict[str, tuple[int, ...]], batches: 
     root.to(device)
     with torch.no_grad():
         for batch in batches:
-            _call(root, batch)
+            run_batch(root, batch)
             for layer, (attribute, kind, conv_args) in taps.items():
                 for x in root._c.getattr(attribute):
                     stats[layer].add(rows(kind, x.detach(), layers[layer], *conv_args).cpu())
@@ -161,3 +153,45 @@ def calibrate_exported(program, layers: dict[str, tuple[int, ...]], batches: Ite
             args = batch if isinstance(batch, (tuple, list)) else (batch,)
             Tap(module).run(*args)
     return stats
+
+
+def calibrate_checkpoint(model: str | Path, inputs: str | Path, stats: str | Path, *, device: str = "cpu",
+                         force: bool = False) -> dict[str, Any]:
+    """Run a TorchScript or .pt2 model on saved inputs and write each candidate layer's statistics."""
+    from factorize_cli.calibration import save_activation_stats
+    from factorize_cli.errors import InputError, UsageError, describe
+    from factorize_cli.formats import check_output_path, open_checkpoint
+    from factorize_cli.graphs import GRAPH_FORMATS
+
+    stats, model = Path(stats), Path(model)
+    check_output_path(stats, [model, Path(inputs)], force=force)
+    try:
+        loaded = torch.load(inputs, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"{inputs}: no such file") from None
+    except Exception as e:
+        raise InputError(f"{inputs}: not a torch.save file of input tensors ({describe(e)})") from e
+    if isinstance(loaded, torch.Tensor):
+        batches = [loaded]
+    elif isinstance(loaded, (list, tuple)) and loaded and all(
+            isinstance(b, torch.Tensor) or (isinstance(b, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in b))
+            for b in loaded):
+        batches = list(loaded)
+    else:
+        raise InputError(f"{inputs}: expected a tensor or a list of batches (tensors or tuples of tensors)")
+    batches = [tuple(t.to(device) for t in b) if isinstance(b, (list, tuple)) else b.to(device) for b in batches]
+    with open_checkpoint(model) as checkpoint:
+        if checkpoint.format not in GRAPH_FORMATS:
+            raise UsageError(f"{model}: calibrate runs a model (TorchScript or .pt2); for a state dict, collect "
+                             "statistics with factorize_cli.collect_activation_stats on the live model")
+        layers = {c.name: c.weight.shape for c in GRAPH_FORMATS[checkpoint.format]().candidates(checkpoint.container)
+                  if c.unsafe is None}
+        run = calibrate_torchscript if checkpoint.format == "torchscript" else calibrate_exported
+        try:
+            collected = run(checkpoint.container, layers, batches, device=device)
+        except RuntimeError as e:
+            raise InputError(f"{model}: running the model on {inputs} failed ({describe(e)})") from e
+    save_activation_stats(collected, stats, {"model": str(model), "inputs": str(inputs),
+                                             "batches": str(len(batches))})
+    return {"stats": str(stats), "layers": {name: s.count for name, s in sorted(collected.items())},
+            "batches": len(batches)}

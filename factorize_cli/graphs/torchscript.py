@@ -38,14 +38,14 @@ def inline_methods(root: torch.jit.ScriptModule) -> None:
         torch._C._jit_pass_inline(root._c._get_method(name).graph)
 
 
-def _walk(block) -> Iterator:
+def walk(block) -> Iterator:
     for node in list(block.nodes()):
         yield node
         for inner in node.blocks():
-            yield from _walk(inner)
+            yield from walk(inner)
 
 
-def _attribute_path(value) -> str | None:
+def attribute_path(value) -> str | None:
     """'a.b.weight' for a value read by a GetAttr chain from the method's self, else None."""
     names, node = [], value.node()
     while node.kind() == "prim::GetAttr":
@@ -84,10 +84,10 @@ def _collect(root: torch.jit.ScriptModule, layers: set[str]) -> dict[str, Uses]:
     uses: dict[str, Uses] = {}
     for method in root._c._method_names():
         graph = root._c._get_method(method).graph
-        for node in _walk(graph):
+        for node in walk(graph):
             if node.kind() != "prim::GetAttr" or node.s("name") != "weight":
                 continue
-            path = _attribute_path(node.output())
+            path = attribute_path(node.output())
             layer = path.removesuffix(".weight") if path else None
             if layer not in layers:
                 continue
