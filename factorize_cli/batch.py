@@ -23,7 +23,7 @@ from pathlib import Path
 from factorize_cli.errors import InputError, UsageError
 
 STDIN = "-"
-DEFAULT_GLOBS = ("*.safetensors", "*.pt", "*.pth", "*.bin", "*.ckpt")
+DEFAULT_GLOBS = ("*.safetensors", "*.pt", "*.pth", "*.bin", "*.ckpt", "*.jit", "*.pt2")
 INDEX_SUFFIX = ".safetensors.index.json"
 
 
@@ -31,6 +31,7 @@ INDEX_SUFFIX = ".safetensors.index.json"
 class Job:
     source: str  # a path, or "-" for stdin
     output: Path | None = None  # apply only
+    report: Path | None = None  # apply only, when the default name would collide
 
 
 def _is_sharded(directory: Path) -> bool:
@@ -87,12 +88,20 @@ def apply_jobs(inputs: Sequence[str], output: Path, globs: Sequence[str] = DEFAU
         raise UsageError("stdin ('-') takes a single output file, not a folder of several inputs")
     if output.exists() and not output.is_dir():
         raise UsageError(f"{output}: several checkpoints need an output folder, and this is a file")
-    jobs, seen = [], {}
+    from factorize_cli.pipeline import default_report_path
+
+    seen: dict[str, str] = {}
     for source, relative in found:
         if relative in seen:
             raise UsageError(f"{source} and {seen[relative]} would both be written to {output / relative}")
         seen[relative] = source
-        jobs.append(Job(source, output / relative))
+    reports = [default_report_path(output / relative) for _, relative in found]
+    jobs = []
+    for (source, relative), report in zip(found, reports):
+        target = output / relative
+        if reports.count(report) > 1:  # model.pt beside model.safetensors: name the report by the file
+            report = target.with_name(f"{target.name}.factorize.json")
+        jobs.append(Job(source, target, report if report != default_report_path(target) else None))
     return jobs
 
 

@@ -118,3 +118,21 @@ def test_readme_pipeline_examples_run(ckpts, tmp_path):
         assert r.returncode == 0, f"{line}\n{r.stderr}"
     results = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert {x["status"] for x in results} == {"ok"} and len(results) == 3
+
+
+def test_graph_formats_in_a_folder_are_mirrored_in_their_own_format(cli, tmp_path):
+    from tests.test_torchscript import MLP
+
+    root = tmp_path / "models"
+    root.mkdir()
+    model = MLP().eval()
+    torch.jit.save(torch.jit.script(model), str(root / "m.jit"))
+    torch.export.save(torch.export.export(model, (torch.randn(2, 48),)), str(root / "m.pt2"))
+    r = cli("apply", root, tmp_path / "out", "--min-features", "8", "--jsonl", "-q")
+    assert r.code == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [Path(x["output"]).name for x in lines] == ["m.jit", "m.pt2"]
+    # the two would share m.factorize.json: each report is named by its file instead
+    assert [Path(x["report"]).name for x in lines] == ["m.jit.factorize.json", "m.pt2.factorize.json"]
+    assert torch.jit.load(str(tmp_path / "out" / "m.jit"))(torch.randn(3, 48)).shape == (3, 12)
+    assert torch.export.load(str(tmp_path / "out" / "m.pt2")).module()(torch.randn(2, 48)).shape == (2, 12)

@@ -67,7 +67,7 @@ def apply(
     def work(job):
         job.output.parent.mkdir(parents=True, exist_ok=True)
         with materialized(job.source) as path:
-            result = apply_checkpoint(path, job.output, config, force=force, report_path=report,
+            result = apply_checkpoint(path, job.output, config, force=force, report_path=report or job.report,
                                       unsafe_pickle=unsafe_pickle, progress=RichProgress(enabled=not quiet),
                                       label="<stdin>" if job.source == "-" else None,
                                       verify=verify or (), verify_tol=verify_tol)

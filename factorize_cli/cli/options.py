@@ -161,5 +161,5 @@ HtmlPath = Annotated[str | None, typer.Option(
                                    "curve (needs matplotlib: the 'plot' extra).")]
 Globs = Annotated[list[str] | None, typer.Option(
     "--glob", metavar="PATTERN", show_default=False,
-    help="File patterns to pick in searched folders (repeatable; default *.safetensors *.pt *.pth *.bin *.ckpt).")]
+    help="File patterns to pick in searched folders (repeatable; default *.safetensors *.pt *.pth *.bin *.ckpt *.jit *.pt2).")]
 ReportPath = Annotated[str | None, typer.Option("--report", metavar="PATH", help="Write the JSON report here.")]
