@@ -25,7 +25,7 @@ from factorize_cli.graphs.verify import verify as run_verify
 from factorize_cli.planning import Inspector, LayerPlan, Plan, build_plan
 from factorize_cli.report import LayerResult, build_report, dumps
 from factorize_cli.rewrite import Placed, Role, output_layout
-from factorize_cli.selection import SkipReason, candidates_from_keys
+from factorize_cli.selection import SkipReason, candidates_from_keys, screen
 
 if TYPE_CHECKING:  # torch is imported where weights are read: a header-only plan needs none
     import torch
@@ -89,18 +89,23 @@ class Whitener:
         return whitening(self.stats[layer.name].second_moment)
 
 
-def _inspector(checkpoint: Checkpoint, config: FactorizeConfig, whitener: Whitener, *, spectra: bool,
-               progress: Progress) -> Inspector:
-    """Look at each layer still in the running: refuse non-finite weights, note whether activation
-    statistics cover it, and read its spectrum (of ``W S`` when whitened) if asked."""
+def _inspector(checkpoint: Checkpoint, config: FactorizeConfig, whitener: Whitener, keys: list[str], *,
+               spectra: bool, progress: Progress) -> Inspector:
+    """Look at each layer still in the running (their weights, ``keys``, are read ahead in this order):
+    refuse non-finite weights, note whether activation statistics cover it, and read its spectrum
+    (of ``W S`` when whitened) if asked."""
     import torch
 
-    from factorize_cli.factorization import as_matrix, choose_engine, singular_values
+    from factorize_cli.factorization import all_finite, as_matrix, choose_engine, singular_values
+
+    weights = prefetch(checkpoint, iter(keys))
 
     def inspect(layer: LayerPlan) -> LayerPlan:
-        weight = checkpoint.get(layer.candidate.weight.key)
+        weight = next(weights)
         try:
-            if not bool(torch.isfinite(weight).all()):
+            if tuple(weight.shape) != layer.candidate.weight.shape:
+                raise RuntimeError(f"internal error: read-ahead out of step at {layer.name}")
+            if not all_finite(weight):
                 return layer.skipped(SkipReason.NON_FINITE, "weight holds NaN or Inf values")
             if whitener.stats:
                 layer = replace(layer, calibrated=whitener.covers(layer),
@@ -131,7 +136,8 @@ def make_plan(checkpoint: Checkpoint, config: FactorizeConfig, *, spectra: bool,
     else:
         candidates = list(candidates_from_keys(checkpoint))
     whitener = whitener or Whitener(config.calibration)
-    inspect = _inspector(checkpoint, config, whitener, spectra=spectra, progress=progress) \
+    inspected = [c.weight.key for c in candidates if screen(c, config.selection).reason is None]
+    inspect = _inspector(checkpoint, config, whitener, inspected, spectra=spectra, progress=progress) \
         if spectra or read_weights or whitener.stats else None
     progress.start("spectra" if spectra else "checking weights", len(candidates) if inspect else 0)
     try:

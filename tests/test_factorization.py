@@ -86,3 +86,18 @@ def test_spectrum_stats_energy_and_error_agree():
     assert st.energy_kept == pytest.approx(20 / total)
     assert st.relative_error == pytest.approx(math.sqrt(1.25 / total))
     assert st.relative_error ** 2 + st.energy_kept == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_all_finite_matches_isfinite(dtype):
+    from factorize_cli.factorization import all_finite
+
+    info = torch.finfo(dtype)
+    clean = torch.tensor([0.0, -0.0, 1.0, -2.5, info.max, -info.max, info.tiny, info.tiny / 4], dtype=dtype)
+    assert all_finite(clean) and bool(torch.isfinite(clean).all())
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = clean.clone()
+        t[3] = bad
+        assert not all_finite(t)
+        assert not all_finite(t.reshape(2, 4).t())  # non-contiguous too
+    assert all_finite(torch.zeros(0, dtype=dtype))
