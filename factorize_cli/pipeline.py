@@ -283,6 +283,21 @@ def _check_device(config: FactorizeConfig) -> None:
         raise UsageError(note or f"device {config.device} unavailable")
 
 
+def _resolve_output_kind(checkpoint: Checkpoint, output: Path, kind: OutputKind) -> OutputKind:
+    """Graph inputs are written back in their own format; state dicts as tensors (never as a graph)."""
+    if checkpoint.format not in GRAPH_FORMATS:
+        if kind is OutputKind.TORCH_EXPORT:
+            raise UsageError(f"{output}: a .pt2 output needs a .pt2 input; this is a {checkpoint.format} state dict")
+        return kind
+    wanted = OutputKind(GRAPH_OUTPUTS[checkpoint.format])
+    accepted, suffix = (OutputKind.TORCH, ".pt or .jit") if wanted is OutputKind.TORCHSCRIPT \
+        else (OutputKind.TORCH_EXPORT, ".pt2")
+    if kind is not accepted:
+        raise UsageError(f"{output}: a {checkpoint.format} input is written back in its own format; "
+                         f"give a {suffix} output path")
+    return wanted
+
+
 def raise_for_gates(report: dict[str, Any]) -> None:
     if not report["gates"]["passed"]:
         raise GateError(report["gates"]["violations"], report)
@@ -307,21 +322,15 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
     if report_path.exists() and not force:
         raise OutputError(f"{report_path}: report already exists; pass --force to replace it")
 
+    specs = [VerifySpec.parse(text) for text in verify]
     with open_checkpoint(source, unsafe_pickle=unsafe_pickle) as checkpoint:
+        graph = checkpoint.format in GRAPH_FORMATS
+        kind = _resolve_output_kind(checkpoint, output, kind)
+        if specs and not graph:
+            raise UsageError("--verify runs models: it needs a TorchScript or .pt2 input")
         _check_device(config)
         whitener = Whitener(config.calibration)
         plan = make_plan(checkpoint, config, spectra=False, progress=progress, whitener=whitener)
-        specs = [VerifySpec.parse(text) for text in verify]
-        graph = checkpoint.format in GRAPH_FORMATS
-        if specs and not graph:
-            raise UsageError("--verify runs models: it needs a TorchScript or .pt2 input")
-        if graph:
-            wanted = OutputKind(GRAPH_OUTPUTS[checkpoint.format])
-            if kind not in (wanted, OutputKind.TORCH) or (wanted is OutputKind.TORCH_EXPORT and kind is not wanted):
-                suffix = ".pt2" if wanted is OutputKind.TORCH_EXPORT else ".pt or .jit"
-                raise UsageError(f"{output}: a {checkpoint.format} input is written back in its own format; "
-                                 f"give a {suffix} output path")
-            kind = wanted
         layout = [] if graph else output_layout(checkpoint, plan)
         destination = {"path": str(output), "format": kind.value, "files": [], "report": str(report_path),
                        "tensors": len(layout) if layout else len(checkpoint.infos), "written": False}

@@ -163,11 +163,12 @@ def test_unsafe_pickle_opt_in_loads_it(cli, tmp_path):
     (["plan", "x.pt", "--min-features", "0"], "min-features"),
     (["apply", "x.pt"], "needs CHECKPOINT... OUTPUT"),
     (["apply", "IN", "out.onnx"], "cannot tell the output format"),
+    (["apply", "IN", "out.pt2"], "needs a .pt2 input"),
     (["frobnicate"], "No such command"),
     (["plan", "x.pt", "--bogus"], "No such option"),
 ])
 def test_usage_errors(cli, toy_pt, tmp_path, args, pattern):
-    args = [str(toy_pt) if a == "IN" else (str(tmp_path / a) if a == "out.onnx" else a) for a in args]
+    args = [str(toy_pt) if a == "IN" else (str(tmp_path / a) if a.startswith("out.") else a) for a in args]
     r = cli(*args)
     assert r.code == 2
     lines = r.stderr.strip().splitlines()
