@@ -35,6 +35,10 @@ class ActivationStats:
     total: torch.Tensor  # sum of x, float64, fan_in
     count: int  # rows seen
 
+    @classmethod
+    def empty(cls, fan_in: int) -> ActivationStats:
+        return cls(torch.zeros(fan_in, fan_in, dtype=torch.float64), torch.zeros(fan_in, dtype=torch.float64), 0)
+
     @property
     def second_moment(self) -> torch.Tensor:
         return self.xtx / max(self.count, 1)
@@ -80,9 +84,7 @@ def collect_activation_stats(model: nn.Module, batches: Iterable[Any], *, layers
                and (wanted is None or name in wanted)}
     if wanted is not None and (missing := wanted - set(targets)):
         raise KeyError(f"no nn.Linear/nn.Conv1d/nn.Conv2d named {sorted(missing)[0]!r}")
-    stats = {name: ActivationStats(torch.zeros(m.weight[0].numel(), m.weight[0].numel(), dtype=torch.float64),
-                                   torch.zeros(m.weight[0].numel(), dtype=torch.float64), 0)
-             for name, m in targets.items()}
+    stats = {name: ActivationStats.empty(m.weight[0].numel()) for name, m in targets.items()}
     handles = []
     for name, module in targets.items():
         def hook(layer, args, name=name):

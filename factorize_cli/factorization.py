@@ -220,7 +220,7 @@ def choose_engine(geometry: Geometry) -> str:
 
 
 def factorize_checked(weight: torch.Tensor, geometry: Geometry, rank: int, *, engine: str = "auto",
-                      seed: int = 0, device: str = "cpu") -> Outcome:
+                      seed: int = 0, device: str = "cpu", measure: bool = True) -> Outcome:
     """Factor with ``engine``. ``auto`` picks per layer; a Gram result must be within 0.1% of the
     optimum its own full spectrum shows, else it is redone with a float64 Gram matrix, then exactly."""
     chosen = choose_engine(geometry) if engine == "auto" else engine
@@ -233,7 +233,8 @@ def factorize_checked(weight: torch.Tensor, geometry: Geometry, rank: int, *, en
             factors = low_rank_factors(weight, geometry, rank, engine="exact", device=device)
     small = geometry.matrix_shape[0] * geometry.matrix_shape[1] <= 1 << 22
     precise = small or factors.stats.relative_error < 0.05 or weight.dtype == torch.float64
-    achieved = factors_error(weight, factors.first, factors.second, geometry, precise=precise, device=device)
+    achieved = factors_error(weight, factors.first, factors.second, geometry, precise=precise,
+                             device=device) if measure else math.nan
     return Outcome(factors, achieved, chosen)
 
 
@@ -275,7 +276,7 @@ def factorize_whitened(weight: torch.Tensor, geometry: Geometry, rank: int, root
     w = as_matrix(weight, geometry).to(torch.float64)
     m = w @ root
     space = Geometry(geometry.kind.LINEAR, geometry.out_features, geometry.fan_in, (), False)
-    inner = factorize_checked(m, space, rank, engine=engine, seed=seed, device=device)
+    inner = factorize_checked(m, space, rank, engine=engine, seed=seed, device=device, measure=False)
     second = inner.factors.second.reshape(geometry.out_features, rank)
     first = inner.factors.first.reshape(rank, geometry.fan_in) @ root_inverse
     scale = (first.norm(dim=1) / second.norm(dim=0).clamp_min(1e-300)).sqrt()  # re-balance the pair

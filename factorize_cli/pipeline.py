@@ -19,7 +19,7 @@ from factorize_cli.config import FactorizeConfig
 from factorize_cli.errors import GateError, InputError, OutputError, UsageError
 from factorize_cli.formats import OutputKind, check_output_path, open_checkpoint, output_kind, write_checkpoint
 from factorize_cli.formats.base import Checkpoint
-from factorize_cli.graphs import GRAPH_FORMATS, GRAPH_OUTPUTS
+from factorize_cli.graphs import GRAPH_FORMATS
 from factorize_cli.graphs.verify import VerifySpec
 from factorize_cli.graphs.verify import verify as run_verify
 from factorize_cli.planning import Inspector, LayerPlan, Plan, build_plan
@@ -289,7 +289,7 @@ def _resolve_output_kind(checkpoint: Checkpoint, output: Path, kind: OutputKind)
         if kind is OutputKind.TORCH_EXPORT:
             raise UsageError(f"{output}: a .pt2 output needs a .pt2 input; this is a {checkpoint.format} state dict")
         return kind
-    wanted = OutputKind(GRAPH_OUTPUTS[checkpoint.format])
+    wanted = OutputKind(checkpoint.format)  # graph formats name their own output kind
     accepted, suffix = (OutputKind.TORCH, ".pt or .jit") if wanted is OutputKind.TORCHSCRIPT \
         else (OutputKind.TORCH_EXPORT, ".pt2")
     if kind is not accepted:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -170,4 +168,3 @@ def test_calibrated_apply_end_to_end(cli, tmp_path):
     for e in r3.json["layers"]:
         if e["action"] == "factorize" and e["calibrated"]:
             assert e["predicted_output_error"] <= 0.3 and e["predicted_error"] is None
-    json.dumps(r3.json)

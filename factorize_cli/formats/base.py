@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -61,9 +61,6 @@ class Checkpoint:
 
     def get(self, key: str) -> torch.Tensor:
         return self.reader.get(key)
-
-    def __iter__(self) -> Iterator[TensorInfo]:
-        return iter(self.infos)
 
     def close(self) -> None:
         close = getattr(self.reader, "close", None)

@@ -13,4 +13,3 @@ def _exported():
 
 # Formats that carry code: candidates come from their graphs, and apply rewrites the graph.
 GRAPH_FORMATS = {"torchscript": _torchscript, "torch-export": _exported}
-GRAPH_OUTPUTS = {"torchscript": "torchscript", "torch-export": "torch-export"}

@@ -10,6 +10,7 @@ earlier ``pad`` op are already in the input.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -77,11 +78,6 @@ def _tuple(value, dims: int, default: int) -> tuple[int, ...]:
     return value * dims if len(value) == 1 and dims > 1 else value
 
 
-def _empty(fan_in: int) -> ActivationStats:
-    return ActivationStats(torch.zeros(fan_in, fan_in, dtype=torch.float64),
-                           torch.zeros(fan_in, dtype=torch.float64), 0)
-
-
 def calibrate_torchscript(archive, layers: dict[str, tuple[int, ...]], batches: Iterable[Any],
                           device: str = "cpu") -> dict[str, ActivationStats]:
     """Statistics of each layer in ``layers`` ({name: weight shape}) over the batches."""
@@ -112,7 +108,7 @@ def calibrate_torchscript(archive, layers: dict[str, tuple[int, ...]], batches: 
             append = graph.create("aten::append", [get.output(), node.inputsAt(0)], 1)
             append.output().setType(torch._C.ListType.ofTensors())
             append.insertBefore(node)
-    stats = {layer: _empty(int(torch.tensor(shape[1:]).prod())) for layer, shape in layers.items() if layer in taps}
+    stats = {layer: ActivationStats.empty(math.prod(shape[1:])) for layer, shape in layers.items() if layer in taps}
     root.to(device)
     with torch.no_grad():
         for batch in batches:
@@ -144,7 +140,7 @@ def calibrate_exported(program, layers: dict[str, tuple[int, ...]], batches: Ite
                 conv_args = (args[3], args[4], args[5]) if name != "linear" else ()
                 kind = "linear" if name == "linear" else "conv"
                 shape = layers[layer]
-                entry = stats.setdefault(layer, _empty(int(torch.tensor(shape[1:]).prod())))
+                entry = stats.setdefault(layer, ActivationStats.empty(math.prod(shape[1:])))
                 entry.add(rows(kind, x.detach(), shape, *conv_args).cpu())
             return super().run_node(n)
 
