@@ -1,8 +1,11 @@
-"""Atomic writes: build the output under a temporary name in the destination folder, then rename.
+"""Atomic writes: build the output under a temporary name in the destination folder, flush it to
+disk, then rename it into place.
 
-On any failure (an exception, Ctrl-C) the temporary is removed and nothing appears at
-the destination; a process killed outright leaves only a dot-named temporary, which the
-next write to the same destination removes.
+On any failure (an exception, Ctrl-C) the temporary is removed and nothing appears at the
+destination. Replacing an existing folder takes two renames (the old one aside, the new one in);
+a failure between them moves the old one back. A process killed outright leaves only dot-named
+entries: the next write to the same destination removes a dead run's temporary and, if the
+destination is missing, puts the folder it had moved aside back.
 """
 
 from __future__ import annotations
@@ -32,36 +35,48 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale(dest: Path) -> None:
-    """Remove temporaries that a killed run (SIGKILL, power loss) left beside ``dest``."""
-    prefix = f".{dest.name}.tmp-"
+def _dead_entries(dest: Path, tag: str) -> list[Path]:
+    prefix = f".{dest.name}.{tag}-"
     try:
-        entries = list(dest.parent.iterdir())
+        entries = sorted(dest.parent.iterdir())
     except OSError:
-        return
+        return []
+    dead = []
     for entry in entries:
         if entry.name.startswith(prefix):
             pid = entry.name[len(prefix):].split("-", 1)[0]
             if pid.isdigit() and not _alive(int(pid)):
-                _remove(entry)
+                dead.append(entry)
+    return dead
+
+
+def sweep_stale(dest: Path) -> None:
+    """Clean up after a killed run (SIGKILL, power loss) that was writing ``dest``: its temporary
+    goes; a folder it had moved aside comes back when ``dest`` is missing, else it goes too."""
+    for entry in _dead_entries(dest, "tmp"):
+        _remove(entry)
+    for entry in _dead_entries(dest, "old"):
+        if not (dest.exists() or dest.is_symlink()):
+            os.replace(entry, dest)
+        else:
+            _remove(entry)
 
 
 @contextmanager
 def atomic_path(dest: Path, *, directory: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``dest``; on success it replaces ``dest``."""
+    """Yield a temporary path beside ``dest`` (a folder when ``directory``); on success it is
+    flushed to disk and replaces ``dest``."""
     sweep_stale(dest)
     # the destination's suffix is kept at the end: some writers (torch.export) insist on it
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{dest.suffix}"
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = dest.parent / f".{dest.name}.tmp-{tag}{dest.suffix}"
     if directory:
         tmp.mkdir()
     try:
         yield tmp
-        if directory and dest.exists():
-            # os.replace cannot swap directories: move the old one aside first.
-            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            _remove(old)
+        _fsync_tree(tmp)
+        if dest.is_dir() and not dest.is_symlink() or (directory and dest.exists()):
+            _swap(tmp, dest, dest.parent / f".{dest.name}.old-{tag}")
         else:
             os.replace(tmp, dest)
         _fsync_dir(dest.parent)
@@ -70,12 +85,41 @@ def atomic_path(dest: Path, *, directory: bool = False) -> Iterator[Path]:
         raise
 
 
+def _swap(new: Path, dest: Path, aside: Path) -> None:
+    """Put ``new`` at ``dest`` when ``os.replace`` cannot (a folder on either side); undoable."""
+    os.replace(dest, aside)
+    try:
+        os.replace(new, dest)
+    except BaseException:
+        os.replace(aside, dest)
+        raise
+    _fsync_dir(dest.parent)
+    _remove(aside)
+
+
 def write_text_atomic(dest: Path, text: str) -> None:
     with atomic_path(dest) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush a written file, or every file of a written folder, to disk (whatever wrote it)."""
+    if path.is_dir():
+        for root, _, files in os.walk(path):
+            for name in files:
+                _fsync_file(Path(root) / name)
+            _fsync_dir(Path(root))
+    else:
+        _fsync_file(path)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

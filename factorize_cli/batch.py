@@ -1,6 +1,6 @@
 """Many inputs: find the checkpoints, pair each with its output, run each, keep going.
 
-- A file, a sharded safetensors directory, or ``-`` (stdin) is one checkpoint.
+- A file, a sharded checkpoint folder (it holds a shard index), or ``-`` (stdin) is one checkpoint.
 - Any other directory is searched (sorted, recursively) for files matching the globs; a
   sharded directory found inside counts as one checkpoint and is not searched further.
 - ``apply`` with one checkpoint writes to OUTPUT as given. With several (or a searched
@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from factorize_cli.errors import InputError, UsageError
+from factorize_cli.formats.sharded import is_sharded
 
 STDIN = "-"
 DEFAULT_GLOBS = ("*.safetensors", "*.pt", "*.pth", "*.bin", "*.ckpt", "*.jit", "*.pt2")
-INDEX_SUFFIX = ".safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,6 @@ class Job:
     source: str  # a path, or "-" for stdin
     output: Path | None = None  # apply only
     report: Path | None = None  # apply only, when the default name would collide
-
-
-def _is_sharded(directory: Path) -> bool:
-    return any(p.name.endswith(INDEX_SUFFIX) for p in directory.iterdir())
 
 
 def _search(directory: Path, globs: Sequence[str]) -> Iterator[Path]:
@@ -47,7 +43,7 @@ def _search(directory: Path, globs: Sequence[str]) -> Iterator[Path]:
             child = here / name
             if name.startswith("."):
                 continue  # our own temporaries, VCS folders
-            if _is_sharded(child):
+            if is_sharded(child):
                 yield child
             else:
                 keep.append(name)
@@ -66,7 +62,7 @@ def discover(inputs: Sequence[str], globs: Sequence[str] = DEFAULT_GLOBS) -> tup
             found.append((STDIN, "stdin"))
             continue
         path = Path(raw)
-        if path.is_dir() and not _is_sharded(path):
+        if path.is_dir() and not is_sharded(path):
             mirror = True
             hits = sorted(_search(path, globs))
             if not hits:
@@ -88,6 +84,9 @@ def apply_jobs(inputs: Sequence[str], output: Path, globs: Sequence[str] = DEFAU
         raise UsageError("stdin ('-') takes a single output file, not a folder of several inputs")
     if output.exists() and not output.is_dir():
         raise UsageError(f"{output}: several checkpoints need an output folder, and this is a file")
+    from factorize_cli.outputs import check_apart
+
+    check_apart(output, "output folder", [Path(raw) for raw in inputs] + [Path(source) for source, _ in found])
     from factorize_cli.pipeline import default_report_path
 
     seen: dict[str, str] = {}

@@ -127,11 +127,11 @@ def convert_to_factorized(model: nn.Module, ranks: Mapping[str, int], *, from_we
 
 def read_rank_map(path: str | Path) -> dict[str, int]:
     """The ``{layer: rank}`` map of a factorized output (safetensors metadata or sharded index) or a report."""
-    from factorize_cli.pipeline import RANKS_METADATA_KEY
+    from factorize_cli.outputs import RANKS_METADATA_KEY
 
     path = Path(path)
     if path.is_dir():
-        from factorize_cli.formats.safetensors import find_index
+        from factorize_cli.formats.sharded import find_index
         meta = json.loads(find_index(path).read_text()).get("metadata", {})
         raw = meta.get(RANKS_METADATA_KEY)
     elif path.suffix == ".json":

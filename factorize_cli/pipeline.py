@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from factorize_cli.atomic import write_text_atomic
 from factorize_cli.config import FactorizeConfig
-from factorize_cli.errors import GateError, InputError, OutputError, UsageError
-from factorize_cli.formats import OutputKind, check_output_path, open_checkpoint, output_kind, write_checkpoint
+from factorize_cli.errors import GateError, InputError, UsageError
+from factorize_cli.formats import OutputKind, open_checkpoint, output_kind, write_checkpoint
 from factorize_cli.formats.base import Checkpoint
 from factorize_cli.graphs import GRAPH_FORMATS
 from factorize_cli.graphs.verify import VerifySpec
 from factorize_cli.graphs.verify import verify as run_verify
+from factorize_cli.outputs import RANKS_METADATA_KEY, check_targets
 from factorize_cli.planning import Inspector, LayerPlan, Plan, build_plan
 from factorize_cli.report import LayerResult, build_report, dumps
 from factorize_cli.rewrite import Placed, Role, output_layout
@@ -31,9 +32,6 @@ if TYPE_CHECKING:  # torch is imported where weights are read: a header-only pla
     import torch
 
     from factorize_cli.factorization import Factors
-
-RANKS_METADATA_KEY = "factorize.ranks"
-
 
 
 
@@ -234,8 +232,9 @@ def _timing(started: datetime, t0: float) -> dict[str, Any]:
 
 def plan_checkpoint(path: str | Path, config: FactorizeConfig, *, spectra: bool | None = None,
                     unsafe_pickle: bool = False, progress: Progress | None = None,
-                    label: str | None = None) -> dict[str, Any]:
-    """Dry run: the report ``apply`` would produce.
+                    label: str | None = None, report_path: str | Path | None = None,
+                    html_path: str | Path | None = None, force: bool = False) -> dict[str, Any]:
+    """Dry run: the report ``apply`` would produce (written to ``report_path``/``html_path`` if given).
 
     ``spectra=None`` reads singular values only when the policy or an error gate needs them;
     otherwise the plan comes from headers alone (no NaN/Inf check, no predicted error).
@@ -246,6 +245,7 @@ def plan_checkpoint(path: str | Path, config: FactorizeConfig, *, spectra: bool 
         raise UsageError("--max-layer-error/--max-total-error need spectra; drop --no-spectra")
     wanted = bool(spectra) or config.gates.need_errors
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
+    check_targets({"report": report_path, "HTML report": html_path}, _inputs(path, config), force=force)
     with open_checkpoint(path, unsafe_pickle=unsafe_pickle) as checkpoint:
         _check_device(config)
         plan = make_plan(checkpoint, config, spectra=wanted, read_weights=False, progress=progress)
@@ -257,7 +257,22 @@ def plan_checkpoint(path: str | Path, config: FactorizeConfig, *, spectra: bool 
                               notes=notes, timing=_timing(started, t0))
     if label is not None:
         report["input"]["path"] = label
+    write_reports(report, report_path, html_path)
     return report
+
+
+def _inputs(path: str | Path, config: FactorizeConfig) -> list[Path]:
+    """Every file the run reads: nothing it writes may be one of them."""
+    return [Path(path)] + ([Path(config.calibration)] if config.calibration else [])
+
+
+def write_reports(report: dict[str, Any], report_path: str | Path | None, html_path: str | Path | None) -> None:
+    if report_path:
+        write_text_atomic(Path(report_path), dumps(report))
+    if html_path:
+        from factorize_cli.html import render_html
+
+        write_text_atomic(Path(html_path), render_html(report))
 
 
 def resolve_device(requested: str) -> tuple[str, str | None]:
@@ -288,6 +303,8 @@ def _resolve_output_kind(checkpoint: Checkpoint, output: Path, kind: OutputKind)
     if checkpoint.format not in GRAPH_FORMATS:
         if kind is OutputKind.TORCH_EXPORT:
             raise UsageError(f"{output}: a .pt2 output needs a .pt2 input; this is a {checkpoint.format} state dict")
+        if kind is OutputKind.SHARDED and checkpoint.format == "torch-sharded":
+            return OutputKind.TORCH_SHARDED  # a folder output keeps the input's shard format
         return kind
     wanted = OutputKind(checkpoint.format)  # graph formats name their own output kind
     accepted, suffix = (OutputKind.TORCH, ".pt or .jit") if wanted is OutputKind.TORCHSCRIPT \
@@ -304,7 +321,8 @@ def raise_for_gates(report: dict[str, Any]) -> None:
 
 
 def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConfig, *, force: bool = False,
-                     report_path: str | Path | None = None, unsafe_pickle: bool = False,
+                     report_path: str | Path | None = None, html_path: str | Path | None = None,
+                     unsafe_pickle: bool = False,
                      progress: Progress | None = None, label: str | None = None,
                      verify: Sequence[str] = (), verify_tol: float = 0.1) -> dict[str, Any]:
     """Factorize ``path`` into ``output`` and write the JSON report; returns the report.
@@ -316,11 +334,8 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
     source, output = Path(path), Path(output)
     report_path = Path(report_path) if report_path else default_report_path(output)
     kind = output_kind(output)
-    check_output_path(output, [source], force=force)
-    if report_path.resolve() in (output.resolve(), source.resolve()):
-        raise OutputError(f"{report_path}: the report cannot go to the input or output path")
-    if report_path.exists() and not force:
-        raise OutputError(f"{report_path}: report already exists; pass --force to replace it")
+    check_targets({"output": output, "report": report_path, "HTML report": html_path}, _inputs(source, config),
+                  force=force)
 
     specs = [VerifySpec.parse(text) for text in verify]
     with open_checkpoint(source, unsafe_pickle=unsafe_pickle) as checkpoint:
@@ -346,7 +361,7 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
         if config.needs_spectra:  # predictions exist: fail a gate before any SVD work
             early = report_now({})
             if not early["gates"]["passed"]:
-                write_text_atomic(report_path, dumps(early))
+                write_reports(early, report_path, html_path)
                 raise_for_gates(early)
 
         results: dict[str, LayerResult] = {}
@@ -380,12 +395,12 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
                     output, metadata=metadata, before_commit=gate)
             destination["written"] = True
         except GateError:
-            write_text_atomic(report_path, dumps(final))
+            write_reports(final, report_path, html_path)
             raise
         finally:
             progress.stop()
         report = final or report_now(results)  # the report the gates saw (verify included)
-    write_text_atomic(report_path, dumps(report))
+    write_reports(report, report_path, html_path)
     return report
 
 

@@ -49,7 +49,7 @@ def test_plan_reads_headers_only_by_default(cli, toy_safetensors, monkeypatch):
     def no_reads(self, key):
         raise AssertionError(f"read {key}")
 
-    monkeypatch.setattr(st._SafetensorsFile, "get", no_reads)
+    monkeypatch.setattr(st.SafetensorsFile, "get", no_reads)
     r = cli("plan", toy_safetensors, *SMALL, "--json", "-q")
     fc1 = next(e for e in r.json["layers"] if e["name"] == "fc1")
     assert r.code == 0 and fc1["predicted_error"] is None and r.json["totals"]["predicted_error"] is None

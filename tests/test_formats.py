@@ -179,7 +179,7 @@ def test_sharded_directory_round_trip(tmp_path):
 def test_sharded_output_from_a_single_file(toy_safetensors, tmp_path):
     apply_checkpoint(toy_safetensors, tmp_path / "sharded", CONFIG)
     assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == [
-        "model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+        ".factorize-output.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json"]
 
 
 @pytest.mark.parametrize("shard", ["../evil.safetensors", "/etc/passwd", "sub/x.safetensors"])

@@ -25,10 +25,14 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors."),
 ) -> None:
-    """Exit codes: 0 done, 1 a gate failed, 2 usage error or unreadable input."""
+    """Exit codes: 0 done; 1 a gate failed; 2 usage error, unreadable input or refused output; 3 internal
+    error; 130 interrupted. With several checkpoints: the worst of theirs (each failure is reported and the
+    others still run)."""
+    ctx.obj = {"debug": debug}
 
 
 from factorize_cli.cli import apply as _apply_cmd  # noqa: E402,F401  (registers the command)

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 import typer
 
 from factorize_cli.cli import app
-from factorize_cli.cli.options import Globs, HtmlPath, Jsonl, JsonOut, Quiet, ReportPath, factorize_options
+from factorize_cli.cli.options import Force, Globs, HtmlPath, Jsonl, JsonOut, Quiet, ReportPath, factorize_options
 
 EPILOG = """\
 Examples:
@@ -35,7 +35,7 @@ def apply(
              "safetensors). Several inputs or a searched folder: OUTPUT is a folder mirroring their paths.")],
     config: Any = None,
     unsafe_pickle: bool = False,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Replace existing outputs.")] = False,
+    force: Force = False,
     globs: Globs = None,
     report: ReportPath = None,
     html: HtmlPath = None,
@@ -52,7 +52,7 @@ def apply(
 ) -> None:
     """Factorize the selected layers; write each checkpoint atomically, with its JSON report."""
     from factorize_cli.batch import DEFAULT_GLOBS, apply_jobs, materialized
-    from factorize_cli.cli.plan import _single_only, write_html
+    from factorize_cli.cli.plan import _single_only
     from factorize_cli.cli.render import RichProgress
     from factorize_cli.cli.run import run_jobs
     from factorize_cli.errors import UsageError
@@ -67,11 +67,10 @@ def apply(
     def work(job):
         job.output.parent.mkdir(parents=True, exist_ok=True)
         with materialized(job.source) as path:
-            result = apply_checkpoint(path, job.output, config, force=force, report_path=report or job.report,
-                                      unsafe_pickle=unsafe_pickle, progress=RichProgress(enabled=not quiet),
-                                      label="<stdin>" if job.source == "-" else None,
-                                      verify=verify or (), verify_tol=verify_tol)
-        write_html(html, result)
-        return result
+            return apply_checkpoint(path, job.output, config, force=force, report_path=report or job.report,
+                                    html_path=html, unsafe_pickle=unsafe_pickle,
+                                    progress=RichProgress(enabled=not quiet),
+                                    label="<stdin>" if job.source == "-" else None,
+                                    verify=verify or (), verify_tol=verify_tol)
 
     raise typer.Exit(run_jobs(jobs, work, quiet=quiet, jsonl=jsonl, json_out=json_out))

@@ -163,3 +163,5 @@ Globs = Annotated[list[str] | None, typer.Option(
     "--glob", metavar="PATTERN", show_default=False,
     help="File patterns to pick in searched folders (repeatable; default *.safetensors *.pt *.pth *.bin *.ckpt *.jit *.pt2).")]
 ReportPath = Annotated[str | None, typer.Option("--report", metavar="PATH", help="Write the JSON report here.")]
+Force = Annotated[bool, typer.Option(
+    "--force", "-f", help="Replace existing outputs (a folder only when factorize wrote it; never an input).")]

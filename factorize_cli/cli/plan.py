@@ -1,12 +1,11 @@
 """``factorize plan``: the dry run."""
 
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from factorize_cli.cli import app
-from factorize_cli.cli.options import Globs, HtmlPath, Jsonl, JsonOut, Quiet, ReportPath, factorize_options
+from factorize_cli.cli.options import Force, Globs, HtmlPath, Jsonl, JsonOut, Quiet, ReportPath, factorize_options
 
 EPILOG = """\
 Examples:
@@ -40,16 +39,15 @@ def plan(
     jsonl: Jsonl = False,
     report: ReportPath = None,
     html: HtmlPath = None,
+    force: Force = False,
     quiet: Quiet = False,
 ) -> None:
-    """Show which layers would be factorized, at what rank, and the predicted error (writes nothing)."""
-    from factorize_cli.atomic import write_text_atomic
+    """Show which layers would be factorized, at what rank, and the predicted error (writes no checkpoint)."""
     from factorize_cli.batch import DEFAULT_GLOBS, materialized, plan_jobs
     from factorize_cli.cli.render import RichProgress
     from factorize_cli.cli.run import run_jobs
     from factorize_cli.errors import UsageError
     from factorize_cli.pipeline import plan_checkpoint, raise_for_gates
-    from factorize_cli.report import dumps
 
     jobs = plan_jobs(checkpoints, tuple(globs or DEFAULT_GLOBS))
     _single_only(len(jobs), json_out=json_out, report=report, html=html)
@@ -61,10 +59,8 @@ def plan(
         with materialized(job.source) as path:
             result = plan_checkpoint(path, config, spectra=spectra, unsafe_pickle=unsafe_pickle,
                                      progress=RichProgress(enabled=not quiet),
-                                     label="<stdin>" if job.source == "-" else None)
-        if report:
-            write_text_atomic(Path(report), dumps(result))
-        write_html(html, result)
+                                     label="<stdin>" if job.source == "-" else None,
+                                     report_path=report, html_path=html, force=force)
         raise_for_gates(result)
         return result
 
@@ -77,10 +73,3 @@ def _single_only(count: int, *, json_out: bool, report: str | None, html: str | 
     if count > 1 and (json_out or report or html):
         raise UsageError("--json, --report and --html take one checkpoint; use --jsonl for several")
 
-
-def write_html(path: str | None, report: dict) -> None:
-    if path:
-        from factorize_cli.atomic import write_text_atomic
-        from factorize_cli.html import render_html
-
-        write_text_atomic(Path(path), render_html(report))

@@ -10,13 +10,16 @@ from typing import Any
 from factorize_cli.batch import Job
 from factorize_cli.errors import FactorizeError, GateError
 
-OK, GATE_FAILED, FAILED = "ok", "gate-failed", "error"
-EXIT = {OK: 0, GATE_FAILED: 1, FAILED: 2}
+OK, GATE_FAILED, FAILED, INTERNAL = "ok", "gate-failed", "error", "internal-error"
+EXIT = {OK: 0, GATE_FAILED: 1, FAILED: 2, INTERNAL: 3}
 
 
 def run_jobs(jobs: list[Job], work: Callable[[Job], dict[str, Any]], *, quiet: bool, jsonl: bool,
              json_out: bool) -> int:
-    """Run ``work`` on each job, keep going after failures, and return the worst exit code.
+    """Run ``work`` on each job, keep going after any failure, and return the worst exit code.
+
+    Every failure of one checkpoint (ours, the system's such as a full disk, or a bug) becomes
+    that checkpoint's error line and status; only an interrupt (Ctrl-C: exit 130) stops the batch.
 
     Humans get the table (unless ``quiet``) and one error line per failure on stderr; machines
     get the report (``json_out``, one input) or one JSON object per input (``jsonl``) on stdout.
@@ -24,7 +27,8 @@ def run_jobs(jobs: list[Job], work: Callable[[Job], dict[str, Any]], *, quiet: b
     from factorize_cli.cli.render import show
     from factorize_cli.report import dumps
 
-    counts = {OK: 0, GATE_FAILED: 0, FAILED: 0}
+    counts = dict.fromkeys(EXIT, 0)
+    debug = _debug()
     for job in jobs:
         report: dict[str, Any] | None = None
         error: str | None = None
@@ -36,8 +40,17 @@ def run_jobs(jobs: list[Job], work: Callable[[Job], dict[str, Any]], *, quiet: b
             for violation in e.violations:
                 print(f"factorize: gate failed: {job.source}: {violation}", file=sys.stderr)
         except FactorizeError as e:
-            status, error = FAILED, str(e)
-            print(f"factorize: error: {' '.join(error.split())}", file=sys.stderr)
+            status, error = FAILED if e.exit_code < 3 else INTERNAL, str(e)
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            status, error = FAILED, f"{where}{e.strerror or e}"
+        except Exception as e:  # a bug or a library failure: this checkpoint fails, the batch goes on
+            if debug:
+                raise
+            status, error = INTERNAL, f"internal error: {type(e).__name__}: {e}; rerun with --debug for the traceback"
+        if error is not None:
+            error = " ".join(error.split())
+            print(f"factorize: error: {error}", file=sys.stderr)
         counts[status] += 1
         if report is not None:
             show(report, quiet=quiet)
@@ -46,10 +59,18 @@ def run_jobs(jobs: list[Job], work: Callable[[Job], dict[str, Any]], *, quiet: b
         if jsonl:
             sys.stdout.write(json.dumps(_line(job, status, report, error), allow_nan=False) + "\n")
             sys.stdout.flush()
-    if len(jobs) > 1 and not (quiet and not any(counts[s] for s in (GATE_FAILED, FAILED))):
+    if len(jobs) > 1 and not (quiet and not any(counts[s] for s in (GATE_FAILED, FAILED, INTERNAL))):
         print(f"factorize: {len(jobs)} checkpoints: {counts[OK]} done, {counts[GATE_FAILED]} failed a gate, "
-              f"{counts[FAILED]} failed", file=sys.stderr)
+              f"{counts[FAILED] + counts[INTERNAL]} failed", file=sys.stderr)
     return max((EXIT[s] for s, n in counts.items() if n), default=0)
+
+
+def _debug() -> bool:
+    """Whether ``--debug`` was given (tracebacks wanted): set on the root command's context."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and isinstance(ctx.obj, dict) and ctx.obj.get("debug"))
 
 
 def _line(job: Job, status: str, report: dict[str, Any] | None, error: str | None) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Formats at the edges: bytes on disk <-> one :class:`Checkpoint` view.
 
 Input formats are recognised by content, not by name; the output format follows the
-output path (``.safetensors``, a directory for sharded safetensors, or a ``torch.save``
-file that keeps the input's container).
+output path (``.safetensors``, a ``torch.save`` file that keeps the input's container, or a
+directory of shards: the input's shard format and names when it was sharded, else safetensors).
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from pathlib import Path
 from factorize_cli.errors import InputError, OutputError, UsageError
 from factorize_cli.formats.base import Checkpoint, TensorInfo
 
-__all__ = ["Checkpoint", "TensorInfo", "OutputKind", "open_checkpoint", "output_kind", "write_checkpoint",
-           "check_output_path"]
+__all__ = ["Checkpoint", "TensorInfo", "OutputKind", "open_checkpoint", "output_kind", "write_checkpoint"]
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".jit")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -30,6 +29,7 @@ LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "litt
 class OutputKind(str, Enum):
     SAFETENSORS = "safetensors"
     SHARDED = "safetensors-sharded"
+    TORCH_SHARDED = "torch-sharded"
     TORCH = "torch"
     TORCHSCRIPT = "torchscript"
     TORCH_EXPORT = "torch-export"
@@ -68,8 +68,8 @@ def open_checkpoint(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> 
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     if path.is_dir():
-        from factorize_cli.formats.safetensors import open_sharded
-        return open_sharded(path)
+        from factorize_cli.formats.sharded import open_sharded
+        return open_sharded(path, unsafe_pickle=unsafe_pickle)
     try:
         kind = sniff(path)
     except PermissionError as e:
@@ -134,20 +134,6 @@ def output_kind(path: Path) -> OutputKind:
                      f"{'/'.join(TORCH_SUFFIXES)}, or a directory for sharded safetensors")
 
 
-def check_output_path(output: Path, inputs: Iterable[Path], *, force: bool) -> None:
-    """Refuse to write over an input (even with --force) or over an existing file without --force."""
-    target = output.resolve()
-    for source in inputs:
-        src = source.resolve()
-        if target == src or src in target.parents or (src.is_dir() and target.parent == src):
-            raise OutputError(f"{output}: would overwrite or write inside the input {source}; "
-                              "choose another output path")
-    if output.exists() and not force:
-        raise OutputError(f"{output}: already exists; pass --force to replace it")
-    if not output.parent.exists():
-        raise OutputError(f"{output.parent}: output folder does not exist")
-
-
 def write_checkpoint(checkpoint: Checkpoint, layout: Sequence, tensors: Iterator, dest: Path,
                      *, metadata: dict[str, str], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                      before_commit: Callable[[Path], None] = lambda tmp: None) -> list[str]:
@@ -171,25 +157,44 @@ def write_checkpoint(checkpoint: Checkpoint, layout: Sequence, tensors: Iterator
             before_commit(tmp)
         return [str(dest)]
 
-    from factorize_cli.formats.safetensors import write_safetensors
-    _check_safetensors_compatible(checkpoint)
     if kind is OutputKind.SAFETENSORS:
+        from factorize_cli.formats.safetensors import write_safetensors
+        _check_safetensors_compatible(checkpoint)
         with atomic_path(dest) as tmp:
             write_safetensors(tmp, layout, tensors, {**checkpoint.metadata, **metadata})
             before_commit(tmp)
         return [str(dest)]
 
+    return _write_shards(checkpoint, layout, tensors, dest, metadata, max_shard_bytes, before_commit)
+
+
+def _write_shards(checkpoint: Checkpoint, layout: Sequence, tensors: Iterator, dest: Path, metadata: dict[str, str],
+                  max_shard_bytes: int, before_commit: Callable[[Path], None]) -> list[str]:
+    """A folder of shards in the input's shard format (``torch.save`` shards for a ``.bin`` index),
+    its index, and our marker."""
+    from factorize_cli import __version__
+    from factorize_cli.atomic import atomic_path
+    from factorize_cli.formats.safetensors import write_safetensors
+    from factorize_cli.formats.sharded import DEFAULT_INDEX, TORCH_INDEX, write_index
+    from factorize_cli.outputs import write_marker
+
+    index_name = checkpoint.index_name or DEFAULT_INDEX
+    torch_shards = index_name.endswith(TORCH_INDEX)
+    if not torch_shards:
+        _check_safetensors_compatible(checkpoint)
     shards = assign_shards(checkpoint, layout, max_shard_bytes)
-    index_name = _index_name(checkpoint)
     with atomic_path(dest, directory=True) as tmp:
         weight_map = {}
         for name, entries in shards.items():
-            write_safetensors(tmp / name, entries, itertools.islice(tensors, len(entries)),
-                              {**checkpoint.metadata, **metadata})
+            chunk = itertools.islice(tensors, len(entries))
+            if torch_shards:
+                from factorize_cli.formats.torchfile import save_torch
+                save_torch({e.key: t for e, t in zip(entries, chunk, strict=True)}, tmp / name)
+            else:
+                write_safetensors(tmp / name, entries, chunk, {**checkpoint.metadata, **metadata})
             weight_map.update({e.key: name for e in entries})
-        index = {"metadata": {"total_size": sum(e.nbytes for e in layout), **metadata},
-                 "weight_map": weight_map}
-        (tmp / index_name).write_text(json.dumps(index, indent=2) + "\n")
+        write_index(tmp / index_name, weight_map, sum(e.nbytes for e in layout), metadata)
+        write_marker(tmp, [*shards, index_name], f"factorize {__version__}")
         before_commit(tmp)
     return [str(dest / name) for name in shards] + [str(dest / index_name)]
 
@@ -211,13 +216,6 @@ def assign_shards(checkpoint: Checkpoint, layout: Sequence, max_shard_bytes: int
         size += entry.nbytes
     n = len(groups)
     return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups)}
-
-
-def _index_name(checkpoint: Checkpoint) -> str:
-    if checkpoint.format == "safetensors-sharded":
-        from factorize_cli.formats.safetensors import find_index
-        return find_index(Path(checkpoint.path)).name
-    return "model.safetensors.index.json"
 
 
 def _check_safetensors_compatible(checkpoint: Checkpoint) -> None:

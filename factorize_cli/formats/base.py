@@ -39,7 +39,8 @@ class Checkpoint:
     ``container_path`` names the keys that led from the loaded object to the state
     dict (``("state_dict",)`` for a Lightning file, ``()`` for a flat one).
     ``tied`` maps a key to another key whose storage it shares.
-    ``shard_of`` maps a key to its shard file name for sharded checkpoints.
+    ``shard_of`` maps a key to its shard file name for sharded checkpoints, and ``index_name``
+    names their index file.
     """
 
     path: str
@@ -52,6 +53,7 @@ class Checkpoint:
     passthrough: Mapping[str, Any] | None = None  # non-tensor state-dict entries, kept as they were
     tied: dict[str, str] = field(default_factory=dict)
     shard_of: dict[str, str] = field(default_factory=dict)
+    index_name: str | None = None
 
     def __post_init__(self) -> None:
         self._by_key = {info.key: info for info in self.infos}

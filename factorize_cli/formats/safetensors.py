@@ -1,4 +1,4 @@
-"""``.safetensors`` files and sharded directories: memory-mapped reads, streamed writes.
+"""``.safetensors`` files: positional reads of a validated header, streamed writes.
 
 The writer is our own: the plan knows every output tensor's shape and dtype before
 the first byte is written, so the header goes first and each tensor is written as
@@ -33,9 +33,6 @@ _TO_ST = {v: k for k, v in _TO_TORCH.items()}
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
              "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "C64": 8}
 
-INDEX_SUFFIX = ".safetensors.index.json"
-
-
 @dataclass(frozen=True)
 class OutputTensor:
     key: str
@@ -54,7 +51,7 @@ class OutputTensor:
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 
 
-class _SafetensorsFile:
+class SafetensorsFile:
     """One ``.safetensors`` file: a validated header and positional reads (``pread``).
 
     Reads go through ``os.preadv`` into fresh tensors rather than a memory map, so the
@@ -144,79 +141,9 @@ class _SafetensorsFile:
             os.close(fd)
 
 
-class _ShardReader:
-    def __init__(self, files: dict[str, _SafetensorsFile]) -> None:
-        self.files = files
-        self._where = {info.key: name for name, f in files.items() for info in f.infos}
-
-    def get(self, key: str) -> torch.Tensor:
-        return self.files[self._where[key]].get(key)
-
-    def close(self) -> None:
-        for f in self.files.values():
-            f.close()
-
-
 def open_safetensors_file(path: Path) -> Checkpoint:
-    f = _SafetensorsFile(path)
+    f = SafetensorsFile(path)
     return Checkpoint(path=str(path), format="safetensors", infos=f.infos, reader=f, metadata=f.metadata)
-
-
-def find_index(directory: Path) -> Path:
-    indexes = sorted(directory.glob("*" + INDEX_SUFFIX))
-    if not indexes:
-        raise InputError(f"{directory}: a directory input must hold a sharded safetensors checkpoint, "
-                         f"but no *{INDEX_SUFFIX} was found")
-    if len(indexes) > 1:
-        names = ", ".join(p.name for p in indexes)
-        raise InputError(f"{directory}: several safetensors indexes ({names}); give one shard set per directory")
-    return indexes[0]
-
-
-def open_sharded(directory: Path) -> Checkpoint:
-    index_path = find_index(directory)
-    try:
-        index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{index_path}: not a valid safetensors index ({describe(e)})") from e
-    root = directory.resolve()
-    files: dict[str, Path] = {}
-    for name in sorted(set(weight_map.values())):
-        shard = (directory / str(name)).resolve()
-        if not isinstance(name, str) or shard.parent != root:
-            raise InputError(f"{index_path}: shard {name!r} lies outside {directory}; refusing it")
-        if not shard.is_file():
-            raise InputError(f"{index_path}: shard {name} is missing")
-        files[name] = shard
-    opened: dict[str, _SafetensorsFile] = {}
-    try:
-        for name, shard in files.items():
-            opened[name] = _SafetensorsFile(shard)
-    except BaseException:
-        for f in opened.values():
-            f.close()
-        raise
-    reader = _ShardReader(opened)
-    infos: list[TensorInfo] = []
-    shard_of: dict[str, str] = {}
-    for name, f in opened.items():  # validate every shard against the index before any work
-        for info in f.infos:
-            if weight_map.get(info.key) != name:
-                reader.close()
-                raise InputError(f"{index_path}: tensor {info.key} is in shard {name} "
-                                 f"but the index says {weight_map.get(info.key)!r}")
-            infos.append(info)
-            shard_of[info.key] = name
-    missing = sorted(set(weight_map) - set(shard_of))
-    if missing:
-        reader.close()
-        raise InputError(f"{index_path}: {len(missing)} indexed tensors are in no shard, e.g. {missing[0]}")
-    metadata = next(iter(opened.values())).metadata if opened else {}
-    return Checkpoint(path=str(directory), format="safetensors-sharded", infos=infos, reader=reader,
-                      metadata=metadata, shard_of=shard_of)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:

@@ -82,11 +82,11 @@ def checkpoint_from_mapping(state_dict: Mapping[str, Any], *, path: str = "<memo
     return Checkpoint(
         path=path, format=fmt, infos=infos, reader=MappingReader(tensors),
         container=container if container is not None else state_dict,
-        container_path=container_path, passthrough=extras, tied=_shared_storage(tensors),
+        container_path=container_path, passthrough=extras, tied=shared_storage(tensors),
     )
 
 
-def _shared_storage(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+def shared_storage(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """Map each key whose storage another key also uses to the first such key."""
     first: dict[tuple[str, int], str] = {}
     tied: dict[str, str] = {}
@@ -103,12 +103,13 @@ def _shared_storage(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     return tied
 
 
-def open_torch_file(path: Path, *, unsafe_pickle: bool) -> Checkpoint:
+def load_torch_object(path: Path, *, unsafe_pickle: bool) -> Any:
+    """``torch.load`` on the CPU, memory-mapped when it can be, safe unless the user opted out."""
     is_zip = zipfile.is_zipfile(path)
     try:
         with warnings.catch_warnings():  # torch's loader warnings would break the one-line error contract
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=not unsafe_pickle, mmap=is_zip)
+            return torch.load(path, map_location="cpu", weights_only=not unsafe_pickle, mmap=is_zip)
     except pickle.UnpicklingError as e:
         text = str(e)
         if "weights_only" in text or "WeightsUnpickler" in text:
@@ -118,11 +119,15 @@ def open_torch_file(path: Path, *, unsafe_pickle: bool) -> Checkpoint:
             ) from e
         raise InputError(f"{path}: not a readable torch.save file ({describe(e)})") from e
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, TypeError,
-            AttributeError, ImportError, IndexError) as e:
+            AttributeError, ImportError, IndexError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not a readable torch.save file ({describe(e)})") from e
+
+
+def open_torch_file(path: Path, *, unsafe_pickle: bool) -> Checkpoint:
+    obj = load_torch_object(path, unsafe_pickle=unsafe_pickle)
     prefix, state_dict = locate_state_dict(obj, str(path))
     return checkpoint_from_mapping(
-        state_dict, path=str(path), fmt="torch-zip" if is_zip else "torch-legacy",
+        state_dict, path=str(path), fmt="torch-zip" if zipfile.is_zipfile(path) else "torch-legacy",
         container=obj, container_path=prefix,
     )
 
@@ -168,5 +173,4 @@ def _like(original: Any, items: dict[str, Any]) -> Any:
 def save_torch(obj: Any, path: Path) -> None:
     with open(path, "wb") as f:
         torch.save(obj, f)
-        f.flush()
 

@@ -156,11 +156,12 @@ def calibrate_checkpoint(model: str | Path, inputs: str | Path, stats: str | Pat
     """Run a TorchScript or .pt2 model on saved inputs and write each candidate layer's statistics."""
     from factorize_cli.calibration import save_activation_stats
     from factorize_cli.errors import InputError, UsageError, describe
-    from factorize_cli.formats import check_output_path, open_checkpoint
+    from factorize_cli.formats import open_checkpoint
+    from factorize_cli.outputs import check_targets
     from factorize_cli.graphs import GRAPH_FORMATS
 
     stats, model = Path(stats), Path(model)
-    check_output_path(stats, [model, Path(inputs)], force=force)
+    check_targets({"statistics": stats}, [model, Path(inputs)], force=force)
     try:
         loaded = torch.load(inputs, map_location="cpu", weights_only=True)
     except FileNotFoundError:
