@@ -136,3 +136,33 @@ def test_graph_formats_in_a_folder_are_mirrored_in_their_own_format(cli, tmp_pat
     assert [Path(x["report"]).name for x in lines] == ["m.jit.factorize.json", "m.pt2.factorize.json"]
     assert torch.jit.load(str(tmp_path / "out" / "m.jit"))(torch.randn(3, 48)).shape == (3, 12)
     assert torch.export.load(str(tmp_path / "out" / "m.pt2")).module()(torch.randn(2, 48)).shape == (2, 12)
+
+
+def test_failures_that_are_not_ours_fail_one_checkpoint_not_the_batch(cli, ckpts, tmp_path, monkeypatch):
+    """A full disk (OSError) and a library failure (say LAPACK) stop only their own checkpoint."""
+    import errno
+
+    import factorize_cli.pipeline as pipeline
+
+    real = pipeline.apply_checkpoint
+
+    def flaky(path, output, config, **kwargs):
+        if Path(path).name == "a.safetensors":
+            raise OSError(errno.ENOSPC, "No space left on device", str(output))
+        if Path(path).name == "b.pt":
+            raise RuntimeError("linalg.svd: The algorithm failed to converge")
+        return real(path, output, config, **kwargs)
+
+    monkeypatch.setattr(pipeline, "apply_checkpoint", flaky)
+    r = cli("apply", ckpts, tmp_path / "out", *SMALL, "--jsonl", "-q")
+    lines = {Path(x["input"]).name: x for x in map(json.loads, r.stdout.splitlines())}
+    assert lines["a.safetensors"]["status"] == "error" and lines["a.safetensors"]["exit_code"] == 2
+    assert "No space left on device" in lines["a.safetensors"]["error"]
+    assert lines["b.pt"]["status"] == "internal-error" and lines["b.pt"]["exit_code"] == 3
+    assert "failed to converge" in lines["b.pt"]["error"]
+    assert lines["sharded"]["status"] == "ok"
+    assert (tmp_path / "out" / "sharded" / "model.safetensors.index.json").exists()
+    assert r.code == 3  # the worst
+    errors = [line for line in r.stderr.splitlines() if line.startswith("factorize: error:")]
+    assert len(errors) == 2 and "Traceback" not in r.stderr
+    assert "3 checkpoints: 1 done, 0 failed a gate, 2 failed" in r.stderr
