@@ -166,3 +166,14 @@ def test_failures_that_are_not_ours_fail_one_checkpoint_not_the_batch(cli, ckpts
     errors = [line for line in r.stderr.splitlines() if line.startswith("factorize: error:")]
     assert len(errors) == 2 and "Traceback" not in r.stderr
     assert "3 checkpoints: 1 done, 0 failed a gate, 2 failed" in r.stderr
+
+
+def test_a_verify_timeout_is_one_clean_error(cli, tmp_path, monkeypatch):
+    import factorize_cli.graphs.verify as verify
+
+    model = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.ReLU(), torch.nn.Linear(64, 40))
+    torch.jit.save(torch.jit.script(model), str(tmp_path / "m.pt"))
+    monkeypatch.setattr(verify, "VERIFY_TIMEOUT_S", 0.01)
+    r = cli("apply", tmp_path / "m.pt", tmp_path / "o.pt", "--min-features", "32", "--verify", "randn:7,48", "-q")
+    assert r.code == 2 and "took longer than 0.01 s" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o.pt").exists()

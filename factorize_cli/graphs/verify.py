@@ -63,6 +63,9 @@ print(json.dumps({"max_abs_diff": float(diff.max()) if diff.numel() else 0.0,
 """
 
 
+VERIFY_TIMEOUT_S = 3600
+
+
 @dataclass(frozen=True)
 class VerifySpec:
     kind: str
@@ -82,8 +85,12 @@ class VerifySpec:
 def verify(fmt: str, original: Path, result: Path, specs: list[VerifySpec], tolerance: float) -> dict:
     """Run both models in a fresh interpreter; the report's ``verify`` section."""
     args = json.dumps([[s.kind, list(s.shape), s.dtype] for s in specs])
-    run = subprocess.run([sys.executable, "-c", RUNNER, fmt, str(original), str(result), args],
-                         capture_output=True, text=True, timeout=3600)
+    try:
+        run = subprocess.run([sys.executable, "-c", RUNNER, fmt, str(original), str(result), args],
+                             capture_output=True, text=True, timeout=VERIFY_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise InputError(f"--verify: running the models took longer than {VERIFY_TIMEOUT_S} s; "
+                         "use smaller --verify inputs") from None
     if run.returncode != 0:
         last = (run.stderr.strip().splitlines() or ["no output"])[-1]
         raise InputError(f"--verify: running the models failed: {last[:300]}")
