@@ -24,6 +24,7 @@ from torch import nn
 
 from factorize_cli import __version__
 from factorize_cli.errors import InputError
+from factorize_cli.orientation import is_transformers_conv1d
 
 FORMAT = "factorize-activation-stats/1"
 _ROWS = 4096  # rows per float64 block while accumulating
@@ -57,7 +58,7 @@ class ActivationStats:
 
 def input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The rows the layer's weight matrix multiplies: tokens for a Linear, unfolded patches for a conv."""
-    if isinstance(layer, nn.Linear):
+    if isinstance(layer, nn.Linear) or is_transformers_conv1d(layer):
         return x.reshape(-1, x.shape[-1])
     if layer.padding_mode != "zeros" or isinstance(layer.padding, str) or any(layer.padding):
         mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
@@ -70,21 +71,30 @@ def input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return windows.permute(0, 2, 1, 3).reshape(-1, x.shape[1] * k)  # (N*L, c*k)
 
 
-CALIBRATED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+CALIBRATED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # exactly these types, and transformers Conv1D
+
+
+def _calibrated(module: nn.Module) -> bool:
+    return (type(module) in CALIBRATED_TYPES and getattr(module, "groups", 1) == 1) or is_transformers_conv1d(module)
+
+
+def _fan_in(module: nn.Module) -> int:
+    """Columns of the layer's ``out x fan_in`` matrix (a Conv1D's weight is stored ``nx x nf``)."""
+    return module.weight.shape[0] if is_transformers_conv1d(module) else module.weight[0].numel()
 
 
 def collect_activation_stats(model: nn.Module, batches: Iterable[Any], *, layers: Iterable[str] | None = None
                              ) -> dict[str, ActivationStats]:
     """Run ``model`` on each batch (a tensor, a tuple of positional inputs, or a dict of keyword
     inputs) and accumulate each layer's input statistics. ``layers`` defaults to every
-    ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` (exactly those types) with ``groups == 1``."""
+    ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` (exactly those types) with ``groups == 1``, and every
+    transformers ``Conv1D`` (GPT-2; its statistics are those of its ``nx`` inputs)."""
     wanted = set(layers) if layers is not None else None
     targets = {name: m for name, m in model.named_modules()
-               if type(m) in CALIBRATED_TYPES and getattr(m, "groups", 1) == 1
-               and (wanted is None or name in wanted)}
+               if _calibrated(m) and (wanted is None or name in wanted)}
     if wanted is not None and (missing := wanted - set(targets)):
-        raise KeyError(f"no nn.Linear/nn.Conv1d/nn.Conv2d named {sorted(missing)[0]!r}")
-    stats = {name: ActivationStats.empty(m.weight[0].numel()) for name, m in targets.items()}
+        raise KeyError(f"no nn.Linear/nn.Conv1d/nn.Conv2d/Conv1D named {sorted(missing)[0]!r}")
+    stats = {name: ActivationStats.empty(_fan_in(m)) for name, m in targets.items()}
     handles = []
     for name, module in targets.items():
         def hook(layer, args, name=name):

@@ -53,14 +53,18 @@ class SelectionConfig:
     min_channels: int = 512
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    transposed: tuple[str, ...] = ()  # 2-D weights stored in x out (transformers Conv1D) when unproven
+    not_transposed: tuple[str, ...] = ()  # 2-D weights stored out x in (nn.Linear) when unproven
 
     def __post_init__(self) -> None:
         for name in ("min_features", "min_channels"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
-        for pattern in self.include + self.exclude:
-            if not pattern:
-                raise UsageError("empty --include/--exclude pattern")
+        for name in ("include", "exclude", "transposed", "not_transposed"):
+            if any(not pattern for pattern in getattr(self, name)):
+                raise UsageError(f"empty --{name.replace('_', '-')} pattern")
+        if both := sorted(set(self.transposed) & set(self.not_transposed)):
+            raise UsageError(f"{both[0]!r} is given to both --transposed and --not-transposed")
 
 
 @dataclass(frozen=True)
@@ -213,4 +217,6 @@ class FactorizeConfig:
         out["pins"] = [{"pattern": p.pattern, "rank": p.rank} for p in self.pins]
         out["selection"]["include"] = list(self.selection.include)
         out["selection"]["exclude"] = list(self.selection.exclude)
+        out["selection"]["transposed"] = list(self.selection.transposed)
+        out["selection"]["not_transposed"] = list(self.selection.not_transposed)
         return out

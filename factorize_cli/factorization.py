@@ -118,7 +118,10 @@ class Factors:
 
 
 def as_matrix(weight: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-    """The weight as an ``out x fan_in`` matrix (one shared reshape for every kind)."""
+    """The weight as an ``out x fan_in`` matrix (one shared reshape for every kind; a view of a
+    transposed-stored Linear's ``in x out`` weight)."""
+    if geometry.transposed:
+        return weight.detach().T
     return weight.detach().reshape(geometry.matrix_shape)
 
 
@@ -166,11 +169,12 @@ def low_rank_factors(weight: torch.Tensor, geometry: Geometry, rank: int, *, eng
 
 
 def reconstruct(first: torch.Tensor, second: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-    """``second @ first`` as a float64 weight of the original shape."""
+    """``second @ first`` as a float64 weight of the original shape and orientation."""
     rank = first.shape[0]
     a = second.to(torch.float64).reshape(geometry.out_features, rank)
     b = first.to(torch.float64).reshape(rank, geometry.fan_in)
-    return (a @ b).reshape(geometry.weight_shape)
+    product = a @ b
+    return product.T if geometry.transposed else product.reshape(geometry.weight_shape)
 
 
 def relative_error(weight: torch.Tensor, approximation: torch.Tensor) -> float:

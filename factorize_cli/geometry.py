@@ -2,8 +2,10 @@
 
 A Linear ``out x in`` weight is the matrix itself. A Conv2d ``d x c x kh x kw``
 weight is the ``d x (c*kh*kw)`` matrix of its unfolded patches; its factors are a
-``kh x kw`` conv ``c -> r`` and a ``1 x 1`` conv ``r -> d`` (Conv1d likewise, with ``k``). Costs, factorization
-and (later) calibration all go through :class:`Geometry`. Pure Python, no torch.
+``kh x kw`` conv ``c -> r`` and a ``1 x 1`` conv ``r -> d`` (Conv1d likewise, with ``k``). A Linear stored
+transposed (transformers' ``Conv1D``: ``in x out``, ``y = x @ W + b``) is the same ``out x in`` matrix once
+``transposed`` says so; its factors are written in nn.Linear orientation like any other Linear's. Costs,
+factorization and calibration all go through :class:`Geometry`. Pure Python, no torch.
 """
 
 from __future__ import annotations
@@ -34,13 +36,24 @@ class Geometry:
     in_features: int
     kernel: tuple[int, ...]
     has_bias: bool
+    transposed: bool = False  # the weight is stored in x out (transformers Conv1D), not out x in
+
+    def __post_init__(self) -> None:
+        if self.transposed and self.kind is not LayerKind.LINEAR:
+            raise ValueError(f"only a Linear weight can be stored transposed, not a {self.kind.value}")
 
     @classmethod
-    def from_weight_shape(cls, kind: LayerKind, shape: tuple[int, ...], has_bias: bool) -> Geometry:
-        return cls(kind, int(shape[0]), int(shape[1]), tuple(int(k) for k in shape[2:]), has_bias)
+    def from_weight_shape(cls, kind: LayerKind, shape: tuple[int, ...], has_bias: bool, *,
+                          transposed: bool = False) -> Geometry:
+        """From the weight as stored: ``out x in x k...``, or ``in x out`` when ``transposed``."""
+        out, fan_in = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
+        return cls(kind, int(out), int(fan_in), tuple(int(k) for k in shape[2:]), has_bias, transposed)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
+        """The weight's shape as stored."""
+        if self.transposed:
+            return (self.in_features, self.out_features)
         return (self.out_features, self.in_features, *self.kernel)
 
     @property
@@ -49,6 +62,7 @@ class Geometry:
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
+        """``out x fan_in``, whatever the stored orientation."""
         return (self.out_features, self.fan_in)
 
     @property

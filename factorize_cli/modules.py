@@ -1,7 +1,7 @@
 """Python API for live models: Composer-compatible factorized modules and a converter.
 
     ranks = read_rank_map("out.safetensors")          # or the JSON report
-    convert_to_factorized(model, ranks)                # swap nn.Linear/nn.Conv2d for pairs
+    convert_to_factorized(model, ranks)                # swap nn.Linear/nn.Conv*/Conv1D for pairs
     model.load_state_dict(load_file("out.safetensors"), strict=True)
 """
 
@@ -16,6 +16,7 @@ from torch import nn
 
 from factorize_cli.errors import InputError
 from factorize_cli.geometry import Geometry, LayerKind
+from factorize_cli.orientation import is_transformers_conv1d
 
 
 class FactorizedLinear(nn.Module):
@@ -38,6 +39,17 @@ class FactorizedLinear(nn.Module):
         if from_weights:
             _load_factors(new, layer, Geometry.from_weight_shape(LayerKind.LINEAR, tuple(layer.weight.shape),
                                                                  layer.bias is not None))
+        return new
+
+    @classmethod
+    def from_conv1d(cls, layer: nn.Module, rank: int, *, from_weights: bool = True) -> FactorizedLinear:
+        """transformers' ``Conv1D(nf, nx)`` (weight ``nx x nf``, ``y = x @ W + b``) as the same pair:
+        the factors are in nn.Linear orientation, like every other Linear's."""
+        nx, nf = layer.weight.shape
+        new = cls(nx, nf, rank, bias=layer.bias is not None, device=layer.weight.device, dtype=layer.weight.dtype)
+        if from_weights:
+            _load_factors(new, layer, Geometry.from_weight_shape(LayerKind.LINEAR, (nx, nf), layer.bias is not None,
+                                                                 transposed=True))
         return new
 
 
@@ -105,7 +117,8 @@ def _load_factors(new: nn.Module, old: nn.Module, geometry: Geometry) -> None:
 
 
 def convert_to_factorized(model: nn.Module, ranks: Mapping[str, int], *, from_weights: bool = False) -> nn.Module:
-    """Replace each named ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` by its factorized pair at a rank, in place.
+    """Replace each named ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` by its factorized pair at a rank, in place;
+    a transformers ``Conv1D`` (GPT-2) becomes a :class:`FactorizedLinear`, as the CLI writes it.
 
     Dtype, device, stride, padding, dilation and padding_mode are kept. With ``from_weights`` the
     pair starts from the truncated SVD of the current weight; otherwise load a checkpoint into it.
@@ -116,10 +129,15 @@ def convert_to_factorized(model: nn.Module, ranks: Mapping[str, int], *, from_we
         except AttributeError:
             raise KeyError(f"model has no submodule {name!r}") from None
         factorized = FACTORIZED.get(type(layer))
-        if factorized is None:
-            raise TypeError(f"{name} is a {type(layer).__name__}, not an nn.Linear, nn.Conv1d or nn.Conv2d")
-        new = factorized.from_linear(layer, rank, from_weights=from_weights) if factorized is FactorizedLinear \
-            else factorized.from_conv(layer, rank, from_weights=from_weights)
+        if is_transformers_conv1d(layer):
+            new = FactorizedLinear.from_conv1d(layer, rank, from_weights=from_weights)
+        elif factorized is None:
+            raise TypeError(f"{name} is a {type(layer).__name__}, not an nn.Linear, nn.Conv1d, nn.Conv2d or "
+                            "transformers Conv1D")
+        elif factorized is FactorizedLinear:
+            new = factorized.from_linear(layer, rank, from_weights=from_weights)
+        else:
+            new = factorized.from_conv(layer, rank, from_weights=from_weights)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return model

@@ -22,6 +22,7 @@ from factorize_cli.formats.base import Checkpoint
 from factorize_cli.graphs import GRAPH_FORMATS
 from factorize_cli.graphs.verify import VerifySpec
 from factorize_cli.graphs.verify import verify as run_verify
+from factorize_cli.orientation import read_structure
 from factorize_cli.outputs import RANKS_METADATA_KEY, check_targets
 from factorize_cli.planning import Inspector, LayerPlan, Plan, build_plan
 from factorize_cli.report import LayerResult, build_report, dumps
@@ -129,17 +130,21 @@ def make_plan(checkpoint: Checkpoint, config: FactorizeConfig, *, spectra: bool,
     with ``read_weights=False`` (and no spectra) only headers are read."""
     progress = progress or _Silent()
     spectra = spectra or config.needs_spectra
+    notes: tuple[str, ...] = ()
     if checkpoint.format in GRAPH_FORMATS:
         candidates = GRAPH_FORMATS[checkpoint.format]().candidates(checkpoint.container)
     else:
-        candidates = list(candidates_from_keys(checkpoint))
+        structure = read_structure(checkpoint.path) if checkpoint.format != "memory" else None
+        found = candidates_from_keys(checkpoint, config.selection, structure)
+        candidates, notes = list(found.candidates), found.notes
     whitener = whitener or Whitener(config.calibration)
     inspected = [c.weight.key for c in candidates if screen(c, config.selection).reason is None]
     inspect = _inspector(checkpoint, config, whitener, inspected, spectra=spectra, progress=progress) \
         if spectra or read_weights or whitener.stats else None
     progress.start("spectra" if spectra else "checking weights", len(candidates) if inspect else 0)
     try:
-        return build_plan(candidates, config, source=checkpoint.path, fmt=checkpoint.format, inspect=inspect)
+        return build_plan(candidates, config, source=checkpoint.path, fmt=checkpoint.format, inspect=inspect,
+                          notes=notes)
     finally:
         progress.stop()
 

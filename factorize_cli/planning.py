@@ -77,7 +77,7 @@ Inspector = Callable[[LayerPlan], LayerPlan]
 
 
 def build_plan(candidates: Iterable[Candidate], config: FactorizeConfig, *, source: str, fmt: str,
-               inspect: Inspector | None = None) -> Plan:
+               inspect: Inspector | None = None, notes: Iterable[str] = ()) -> Plan:
     """Screen every candidate, inspect the data of the ones left, then rank them."""
     layers = []
     for candidate in candidates:
@@ -87,8 +87,8 @@ def build_plan(candidates: Iterable[Candidate], config: FactorizeConfig, *, sour
             continue
         layer = LayerPlan(candidate, Action.FACTORIZE, None)
         layers.append(inspect(layer) if inspect is not None else layer)
-    ranked, notes = assign_ranks(layers, config)
-    return Plan(source=source, format=fmt, config=config, layers=tuple(ranked), notes=tuple(notes))
+    ranked, ranking = assign_ranks(layers, config)
+    return Plan(source=source, format=fmt, config=config, layers=tuple(ranked), notes=(*notes, *ranking))
 
 
 def ratio_rank(geometry: Geometry, policy: RatioPolicy) -> int:

@@ -69,6 +69,7 @@ def _layer_entry(layer: LayerPlan, result: LayerResult | None) -> dict[str, Any]
     return {
         "name": layer.name,
         "kind": geo.kind.value,
+        "orientation": "in-out" if geo.transposed else "out-in",
         "weight_key": cand.weight.key,
         "bias_key": cand.bias.key if cand.bias else None,
         "shape": list(cand.weight.shape),

@@ -154,7 +154,7 @@ def test_convert_refuses_what_it_cannot_do():
     model = CNN()
     with pytest.raises(ValueError, match="grouped"):
         convert_to_factorized(model, {"grouped": 4})
-    with pytest.raises(TypeError, match="not an nn.Linear, nn.Conv1d or nn.Conv2d"):
+    with pytest.raises(TypeError, match="not an nn.Linear, nn.Conv1d, nn.Conv2d or transformers Conv1D"):
         convert_to_factorized(nn.Sequential(nn.LayerNorm(4)), {"0": 2})
     with pytest.raises(KeyError):
         convert_to_factorized(MLP(), {"nope": 2})

@@ -38,7 +38,10 @@ def test_minilm_encoder_linears(cli, minilm, tmp_path):
     encoder = [n for n in layers if n.startswith("encoder.layer.")]
     assert len(encoder) == 36  # 6 layers x (q, k, v, attention out, intermediate, output)
     assert all(layers[n]["action"] == "factorize" for n in encoder)
-    assert layers["embeddings.word_embeddings"]["reason"] == "embedding-like"
+    # its config.json beside the weights: module types from a meta-device BertModel
+    assert layers["embeddings.word_embeddings"]["reason"] == "module-type"
+    assert "Embedding module in config.json's BertModel" in layers["embeddings.word_embeddings"]["detail"]
+    assert all(layers[n]["orientation"] == "out-in" for n in encoder)
     for n in encoder:  # 0.3 * 384 = 115 for every shape (384x384, 1536x384, 384x1536)
         assert layers[n]["rank"] == 115
 

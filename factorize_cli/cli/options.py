@@ -39,6 +39,14 @@ def _shared_parameters() -> list[inspect.Parameter]:
         opt("exclude", Annotated[list[str], typer.Option(
             "--exclude", metavar="GLOB", rich_help_panel=SELECTION,
             help="Never layers whose name matches (repeatable).")], []),
+        opt("transposed", Annotated[list[str], typer.Option(
+            "--transposed", metavar="GLOB", rich_help_panel=SELECTION,
+            help="2-D weights whose name matches are stored in x out, like transformers Conv1D (GPT-2's c_attn, "
+                 "c_proj) (repeatable). Orientation comes from a config.json beside the checkpoint when "
+                 "transformers is installed, else from the biases; this decides the ones nothing proves.")], []),
+        opt("not_transposed", Annotated[list[str], typer.Option(
+            "--not-transposed", metavar="GLOB", rich_help_panel=SELECTION,
+            help="2-D weights whose name matches are stored out x in, like nn.Linear (repeatable).")], []),
         opt("latent_features", Annotated[str, typer.Option(
             "--latent-features", metavar="F|R", rich_help_panel=RANKS,
             help="Linear rank: a fraction < 1 of min(in, out), or an absolute rank >= 1.")], "0.25"),
@@ -117,7 +125,8 @@ def factorize_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def build_config(*, factorize_linears: bool, factorize_convs: bool, min_features: int, min_channels: int,
-                 include: list[str], exclude: list[str], latent_features: str, latent_channels: str,
+                 include: list[str], exclude: list[str], transposed: list[str], not_transposed: list[str],
+                 latent_features: str, latent_channels: str,
                  rank_policy: str, rank_multiple: int, rank_pins: list[str], max_layer_error: float | None,
                  max_total_error: float | None, min_param_reduction: float | None, svd: str, device: str,
                  seed: int, calibration: str | None) -> Any:
@@ -128,7 +137,8 @@ def build_config(*, factorize_linears: bool, factorize_convs: bool, min_features
     return FactorizeConfig(
         selection=SelectionConfig(factorize_linears=factorize_linears, factorize_convs=factorize_convs,
                                   min_features=min_features, min_channels=min_channels,
-                                  include=tuple(include), exclude=tuple(exclude)),
+                                  include=tuple(include), exclude=tuple(exclude), transposed=tuple(transposed),
+                                  not_transposed=tuple(not_transposed)),
         policy=parse_policy(rank_policy, ratio),
         pins=tuple(RankPin.parse(p) for p in rank_pins),
         rank_multiple=rank_multiple,

@@ -49,7 +49,8 @@ def layer_table(report: dict[str, Any]) -> Table:
         params = f"{_count(e['params_before'])}→{_count(e['params_after'])}" if done else _count(e["params_before"])
         macs = f"{_count(e['macs_before'])}→{_count(e['macs_after'])}" if done else _count(e["macs_before"])
         status = "[green]factorize[/]" if done else f"[yellow]skip[/] {e['reason']} [dim]({escape(e['detail'])})[/]"
-        cells = [escape(e["name"] or "(root)"), e["kind"], "x".join(map(str, e["shape"])), rank, params, macs,
+        kind = e["kind"] + (" (in x out)" if e.get("orientation") == "in-out" else "")
+        cells = [escape(e["name"] or "(root)"), kind, "x".join(map(str, e["shape"])), rank, params, macs,
                  _pct(_error(e)) if done else "", _pct(e["energy_kept"]) if done else ""]
         if spectra:
             cells.append(sparkline(e["spectrum_sample"]))
