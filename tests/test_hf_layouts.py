@@ -16,7 +16,7 @@ from tests.test_sharded import make_hub_snapshot
 
 transformers = pytest.importorskip("transformers")
 
-ARGS = ["--min-features", "1", "--latent-features", "0.5", "-q"]
+ARGS = ["--min-features", "1", "--latent-features", "0.25", "-q"]
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
