@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from factorize_cli.atomic import write_text_atomic
 from factorize_cli.config import FactorizeConfig
 from factorize_cli.errors import GateError, InputError, UsageError
-from factorize_cli.formats import OutputKind, open_checkpoint, output_kind, write_checkpoint
+from factorize_cli.formats import OutputKind, check_output, open_checkpoint, output_kind, write_checkpoint
 from factorize_cli.formats.base import Checkpoint
 from factorize_cli.graphs import GRAPH_FORMATS
 from factorize_cli.graphs.verify import VerifySpec
@@ -309,7 +309,8 @@ def _resolve_output_kind(checkpoint: Checkpoint, output: Path, kind: OutputKind)
         if kind is OutputKind.TORCH_EXPORT:
             raise UsageError(f"{output}: a .pt2 output needs a .pt2 input; this is a {checkpoint.format} state dict")
         if kind is OutputKind.SHARDED and checkpoint.format == "torch-sharded":
-            return OutputKind.TORCH_SHARDED  # a folder output keeps the input's shard format
+            kind = OutputKind.TORCH_SHARDED  # a folder output keeps the input's shard format
+        check_output(checkpoint, kind)
         return kind
     wanted = OutputKind(checkpoint.format)  # graph formats name their own output kind
     accepted, suffix = (OutputKind.TORCH, ".pt or .jit") if wanted is OutputKind.TORCHSCRIPT \

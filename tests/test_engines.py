@@ -42,9 +42,10 @@ def test_auto_is_near_optimal_and_never_slower_than_exact(shape, alpha):
     outcome = factorize_checked(w, g, rank)
     best = optimum_error(w, rank)
     assert best <= outcome.achieved_error * (1 + 1e-6) and outcome.achieved_error <= best * (1 + 1e-3)
-    auto = _best_time(lambda: factorize_checked(w, g, rank))
-    exact = _best_time(lambda: factorize_checked(w, g, rank, engine="exact"))
-    assert auto <= exact * 1.25 + 0.01, (outcome.engine, auto, exact)
+    if outcome.engine != "exact":  # when auto picks LAPACK's SVD it runs the very same code
+        auto = _best_time(lambda: factorize_checked(w, g, rank), repeat=5)
+        exact = _best_time(lambda: factorize_checked(w, g, rank, engine="exact"), repeat=5)
+        assert auto <= exact * 1.25 + 0.01, (outcome.engine, auto, exact)
 
 
 @pytest.mark.parametrize("shape,alpha", [((768, 1536), 0.7), ((1536, 768), 0.3), ((1024, 1024), 0.0)])

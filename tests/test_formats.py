@@ -19,7 +19,7 @@ from factorize_cli.formats import open_checkpoint
 from factorize_cli.formats.safetensors import OutputTensor, write_safetensors
 from factorize_cli.modules import read_rank_map
 from factorize_cli.pipeline import apply_checkpoint
-from tests.conftest import optimum_error, toy_state_dict
+from tests.conftest import decaying_matrix, optimum_error, toy_state_dict
 
 CONFIG = FactorizeConfig(selection=SelectionConfig(min_features=32, min_channels=32))
 FACTORIZED = {"conv", "fc1", "fc2"}
@@ -240,3 +240,48 @@ def test_policy_with_absolute_ranks_in_file_metadata(toy_safetensors, tmp_path):
                              policy=RatioPolicy(Latent(12), Latent(4)))
     apply_checkpoint(toy_safetensors, tmp_path / "out.safetensors", config)
     assert read_rank_map(tmp_path / "out.safetensors") == {"conv": 4, "fc1": 12, "fc2": 12}
+
+
+def _handmade_safetensors(path, tensors: dict[str, tuple[str, list[int], bytes]]) -> None:
+    """A safetensors file written byte by byte, for dtypes torch cannot make."""
+    import struct
+
+    header, blob, offset = {}, b"", 0
+    for key, (dtype, shape, data) in tensors.items():
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        blob += data
+        offset += len(data)
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + blob)
+
+
+def test_dtypes_torch_cannot_hold_pass_through_byte_for_byte(cli, tmp_path):
+    """F4, F6 and F8_E8M0 tensors (MX formats) are copied as bytes; the float weight beside them is factorized."""
+    import struct
+
+    w = decaying_matrix(64, 96, seed=11)
+    exotic = {"scales.e8m0": ("F8_E8M0", [4, 8], bytes(range(32))),
+              "packed.f4": ("F4", [6, 4], bytes(range(100, 112))),  # 24 four-bit values: 12 bytes
+              "packed.f6": ("F6_E3M2", [4, 4], bytes(range(200, 212)))}  # 16 six-bit values: 12 bytes
+    _handmade_safetensors(tmp_path / "in.safetensors", {
+        **exotic, "fc.weight": ("F32", [64, 96], w.numpy().tobytes())})
+    r = cli("apply", tmp_path / "in.safetensors", tmp_path / "out.safetensors", "--min-features", "32", "--json")
+    assert r.code == 0, r.stderr
+    layers = {e["name"]: e for e in r.json["layers"]}
+    assert layers["fc"]["action"] == "factorize"
+    raw = (tmp_path / "out.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    for key, (dtype, shape, data) in exotic.items():
+        begin, end = header[key]["data_offsets"]
+        assert header[key]["dtype"] == dtype and header[key]["shape"] == shape
+        assert raw[8 + length + begin:8 + length + end] == data
+    r = cli("apply", tmp_path / "in.safetensors", tmp_path / "other.pt", "--min-features", "32")
+    assert r.code == 2 and "which torch cannot hold; write a .safetensors output" in r.stderr
+    assert not (tmp_path / "other.pt").exists()
+
+
+def test_a_fractional_byte_count_is_refused(tmp_path):
+    _handmade_safetensors(tmp_path / "bad.safetensors", {"x": ("F4", [3], b"\x00\x00")})
+    with pytest.raises(InputError, match="not a whole number of bytes"):
+        open_checkpoint(tmp_path / "bad.safetensors")

@@ -18,7 +18,8 @@ from pathlib import Path
 from factorize_cli.errors import InputError, OutputError, UsageError
 from factorize_cli.formats.base import Checkpoint, TensorInfo
 
-__all__ = ["Checkpoint", "TensorInfo", "OutputKind", "open_checkpoint", "output_kind", "write_checkpoint"]
+__all__ = ["Checkpoint", "TensorInfo", "OutputKind", "check_output", "open_checkpoint", "output_kind",
+           "write_checkpoint"]
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".jit")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -145,6 +146,9 @@ def write_checkpoint(checkpoint: Checkpoint, layout: Sequence, tensors: Iterator
     from factorize_cli.atomic import atomic_path
 
     kind = output_kind(dest)
+    if kind is OutputKind.SHARDED and (checkpoint.index_name or "").endswith(".bin.index.json"):
+        kind = OutputKind.TORCH_SHARDED
+    check_output(checkpoint, kind)
     if kind is OutputKind.TORCH:
         import torch  # noqa: F401  (torch files need it; kept local for the --help path)
 
@@ -159,7 +163,6 @@ def write_checkpoint(checkpoint: Checkpoint, layout: Sequence, tensors: Iterator
 
     if kind is OutputKind.SAFETENSORS:
         from factorize_cli.formats.safetensors import write_safetensors
-        _check_safetensors_compatible(checkpoint)
         with atomic_path(dest) as tmp:
             write_safetensors(tmp, layout, tensors, {**checkpoint.metadata, **metadata})
             before_commit(tmp)
@@ -180,8 +183,6 @@ def _write_shards(checkpoint: Checkpoint, layout: Sequence, tensors: Iterator, d
 
     index_name = checkpoint.index_name or DEFAULT_INDEX
     torch_shards = index_name.endswith(TORCH_INDEX)
-    if not torch_shards:
-        _check_safetensors_compatible(checkpoint)
     shards = assign_shards(checkpoint, layout, max_shard_bytes)
     with atomic_path(dest, directory=True) as tmp:
         weight_map = {}
@@ -218,8 +219,16 @@ def assign_shards(checkpoint: Checkpoint, layout: Sequence, max_shard_bytes: int
     return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups)}
 
 
-def _check_safetensors_compatible(checkpoint: Checkpoint) -> None:
-    if checkpoint.passthrough:
+def check_output(checkpoint: Checkpoint, kind: OutputKind) -> None:
+    """Refuse, before any work, what the output format cannot hold."""
+    if kind in (OutputKind.SAFETENSORS, OutputKind.SHARDED) and checkpoint.passthrough:
         key = next(iter(checkpoint.passthrough))
         raise UsageError(f"{checkpoint.path}: entry {key!r} is not a tensor and cannot be stored in "
                          "safetensors; write a .pt output instead")
+    if kind in (OutputKind.TORCH, OutputKind.TORCH_SHARDED):
+        from factorize_cli.formats.safetensors import is_raw
+
+        raw = next((info for info in checkpoint.infos if is_raw(info.dtype)), None)
+        if raw is not None:
+            raise UsageError(f"{checkpoint.path}: tensor {raw.key} has dtype {raw.dtype.removeprefix('raw:')}, "
+                             "which torch cannot hold; write a .safetensors output instead")

@@ -3,6 +3,11 @@
 The writer is our own: the plan knows every output tensor's shape and dtype before
 the first byte is written, so the header goes first and each tensor is written as
 it is produced; nothing holds the whole output in memory.
+
+Every dtype of the format is accepted. One that this torch cannot hold (``F4``, ``F6_*``, or
+``F8_E8M0`` on an older torch) is read as a :class:`RawTensor`, its bytes as they are: such tensors are
+never candidates and pass through to a safetensors output byte for byte. The format is
+little-endian; on a big-endian host reading and writing are refused rather than silently wrong.
 """
 
 from __future__ import annotations
@@ -12,26 +17,59 @@ import json
 import math
 import os
 import struct
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from factorize_cli.errors import InputError, describe
+from factorize_cli.errors import InputError, UsageError, describe
 from factorize_cli.formats.base import Checkpoint, TensorInfo
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: reading headers needs none
     import torch
 
+# The safetensors dtypes and their width in bits.
+_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
+         "U16": 16, "U32": 32, "U64": 64, "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "C64": 64,
+         "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4}
+# Those torch has a dtype for, by its name; the others are named "raw:<code>" in a TensorInfo.
 _TO_TORCH = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
     "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "C64": "complex64",
 }
 _TO_ST = {v: k for k, v in _TO_TORCH.items()}
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
-             "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "C64": 8}
+RAW = "raw:"
+
+
+def is_raw(dtype: str) -> bool:
+    """Whether a TensorInfo dtype name is one this torch cannot hold (read and written as bytes)."""
+    if dtype.startswith(RAW):
+        return True
+    import torch
+
+    return not isinstance(getattr(torch, dtype, None), torch.dtype)
+
+
+def _code(dtype: str) -> str | None:
+    """The safetensors code of a TensorInfo dtype name (None: the format cannot hold it)."""
+    return dtype[len(RAW):] if dtype.startswith(RAW) else _TO_ST.get(dtype)
+
+
+def _check_byte_order() -> None:
+    if sys.byteorder != "little":
+        raise UsageError("safetensors data is little-endian and this host is big-endian: not supported")
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor of a dtype this torch cannot hold: its shape, its TensorInfo dtype name, its bytes."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    data: bytes
 
 @dataclass(frozen=True)
 class OutputTensor:
@@ -42,10 +80,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        n = _ITEMSIZE[_TO_ST[self.dtype]]
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape) * _BITS[_code(self.dtype)] // 8
 
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
@@ -61,6 +96,7 @@ class SafetensorsFile:
     """
 
     def __init__(self, path: Path) -> None:
+        _check_byte_order()
         self.path = path
         try:
             self._fd = os.open(path, os.O_RDONLY)
@@ -100,16 +136,18 @@ class SafetensorsFile:
                 dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
             except (TypeError, KeyError, ValueError):
                 raise self._bad(f"tensor {key!r} has a malformed entry") from None
-            if dtype not in _TO_TORCH:
-                raise self._bad(f"tensor {key!r} has unsupported dtype {dtype!r}")
+            if dtype not in _BITS:
+                raise self._bad(f"tensor {key!r} has unknown dtype {dtype!r}")
             if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
                 raise self._bad(f"tensor {key!r} has a malformed shape {shape!r}")
-            nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+            nbytes, rest = divmod(math.prod(shape) * _BITS[dtype], 8)
+            if rest:
+                raise self._bad(f"tensor {key!r}: {shape} {dtype} is not a whole number of bytes")
             if not (type(begin) is int and type(end) is int and 0 <= begin <= end <= data_size
                     and end - begin == nbytes):
                 raise self._bad(f"tensor {key!r}: offsets [{begin}, {end}] do not fit shape {shape} {dtype} "
                                 f"in {data_size} data bytes")
-            spans.append((begin, end, key, TensorInfo(key, tuple(shape), _TO_TORCH[dtype])))
+            spans.append((begin, end, key, TensorInfo(key, tuple(shape), _TO_TORCH.get(dtype, RAW + dtype))))
         spans.sort(key=lambda s: (s[0], s[1], s[2]))
         position = 0
         for begin, end, key, _ in spans:
@@ -121,19 +159,27 @@ class SafetensorsFile:
         offsets = {key: (data_start + begin, end - begin) for begin, end, key, _ in spans}
         return [info for *_, info in spans], dict(metadata), offsets
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str) -> torch.Tensor | RawTensor:
         import torch
 
         info = self._by_key[key]
         start, nbytes = self._spans[key]
-        tensor = torch.empty(info.shape, dtype=getattr(torch, info.dtype))
-        view, done = _tensor_bytes(tensor), 0
+        dtype = getattr(torch, info.dtype, None) if not info.dtype.startswith(RAW) else None
+        if not isinstance(dtype, torch.dtype):
+            data = bytearray(nbytes)
+            self._read_into(memoryview(data), start, key)
+            return RawTensor(info.shape, info.dtype, bytes(data))
+        tensor = torch.empty(info.shape, dtype=dtype)
+        self._read_into(_tensor_bytes(tensor), start, key)
+        return tensor
+
+    def _read_into(self, view: memoryview, start: int, key: str) -> None:
+        done, nbytes = 0, len(view)
         while done < nbytes:
             got = os.preadv(self._fd, [view[done:]], start + done)
             if got <= 0:
                 raise InputError(f"{self.path}: file ended while reading {key}")
             done += got
-        return tensor
 
     def close(self) -> None:
         fd, self._fd = getattr(self, "_fd", -1), -1
@@ -155,17 +201,18 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(array).cast("B")
 
 
-def write_safetensors(path: Path, layout: Sequence[OutputTensor], tensors: Iterable[torch.Tensor],
+def write_safetensors(path: Path, layout: Sequence[OutputTensor], tensors: Iterable[torch.Tensor | RawTensor],
                       metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` (in ``layout`` order) to ``path``: header first, then one tensor at a time."""
+    _check_byte_order()
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
     for entry in layout:
-        if entry.dtype not in _TO_ST:
+        if _code(entry.dtype) is None:
             raise InputError(f"{entry.key}: dtype {entry.dtype} cannot be stored in safetensors")
-        header[entry.key] = {"dtype": _TO_ST[entry.dtype], "shape": list(entry.shape),
+        header[entry.key] = {"dtype": _code(entry.dtype), "shape": list(entry.shape),
                              "data_offsets": [offset, offset + entry.nbytes]}
         offset += entry.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -173,13 +220,14 @@ def write_safetensors(path: Path, layout: Sequence[OutputTensor], tensors: Itera
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        count = 0
         for entry, tensor in zip(layout, tensors, strict=True):
-            if tuple(tensor.shape) != entry.shape or str(tensor.dtype) != f"torch.{entry.dtype}":
-                raise RuntimeError(f"internal error: {entry.key} is {tuple(tensor.shape)} {tensor.dtype}, "
+            raw = isinstance(tensor, RawTensor)
+            dtype = tensor.dtype if raw else str(tensor.dtype).removeprefix("torch.")
+            if tuple(tensor.shape) != entry.shape or dtype != entry.dtype:
+                raise RuntimeError(f"internal error: {entry.key} is {tuple(tensor.shape)} {dtype}, "
                                    f"planned {entry.shape} {entry.dtype}")
-            tensor = tensor.detach().to("cpu").contiguous()
-            f.write(_tensor_bytes(tensor))
-            count += 1
-        f.flush()
-        os.fsync(f.fileno())
+            if raw:
+                f.write(tensor.data)
+            else:
+                tensor = tensor.detach().to("cpu").contiguous()  # held: the view below borrows its memory
+                f.write(_tensor_bytes(tensor))
