@@ -114,10 +114,10 @@ def screen(candidate: Candidate, config: SelectionConfig) -> Screened:
     if candidate.weight.dtype not in FLOAT_DTYPES:
         return Screened(candidate, SkipReason.UNSUPPORTED_DTYPE,
                         f"dtype {candidate.weight.dtype} is not a float16/bfloat16/float32/float64 weight")
+    if candidate.tied_with is not None:  # before graph reasons: a tie is why its reads look odd (or absent)
+        return Screened(candidate, SkipReason.TIED, f"shares its storage with {candidate.tied_with}")
     if candidate.unsafe is not None:
         return Screened(candidate, SkipReason.NOT_REWRITABLE, candidate.unsafe)
-    if candidate.tied_with is not None:
-        return Screened(candidate, SkipReason.TIED, f"shares its storage with {candidate.tied_with}")
     if not candidate.from_structure and included is None and (why := _looks_like_embedding(candidate)):
         return Screened(candidate, SkipReason.EMBEDDING_LIKE, f"{why}; --include it to factorize anyway")
     if candidate.kind is LayerKind.CONV1D and not candidate.from_structure and candidate.geometry.kernel[0] > MAX_KERNEL:

@@ -7,8 +7,10 @@ it inlines every method of the root module, so each layer call becomes an ``aten
 registers, on the root (whose type is its own), one new submodule per factorized layer holding the
 two factor weights; and replaces each call by two calls of the same op: the original arguments with
 the first factor and no bias, then a pointwise op with the second factor and the original bias.
-The original weight is emptied. A layer whose weight is read anywhere else (tied weights, direct
-use, grouped or transposed convs) is reported and left alone.
+The original weight is emptied. A layer whose weight is read anywhere else (direct use, grouped or
+transposed convs) is reported and left alone, and so is one whose weight shares its storage with
+another attribute (an output head tied to the embedding): emptying one name of a shared tensor
+leaves the other's full copy in the archive, beside the new factors.
 """
 
 from __future__ import annotations
@@ -208,10 +210,11 @@ def load_archive(path) -> Archive:
 
 def candidates(archive: Archive):
     """Candidates from module structure: torch's own Linear/Conv1d/Conv2d submodules."""
-    from factorize_cli.formats.base import TensorInfo, dtype_name
+    from factorize_cli.formats.base import TensorInfo, dtype_name, shared_storage
     from factorize_cli.geometry import Geometry, LayerKind
     from factorize_cli.selection import Candidate
 
+    tied = shared_storage(archive.module.state_dict())  # torch.jit.load keeps storages shared
     found = []
     for name, sub in archive.module.named_modules():
         kind = torch_layer_kind(sub) if name else None
@@ -225,7 +228,7 @@ def candidates(archive: Archive):
         geometry = Geometry.from_weight_shape(LayerKind(kind.lower()), info.shape, bias_info is not None)
         groups = int(getattr(sub, "groups", 1)) if kind != "Linear" else 1
         found.append((name, Candidate(name=name, weight=info, bias=bias_info, geometry=geometry,
-                                      from_structure=True, groups=groups)))
+                                      from_structure=True, groups=groups, tied_with=tied.get(info.key))))
     unsafe = analyse(archive.module, [name for name, _ in found])
     from dataclasses import replace
     return [replace(c, unsafe=unsafe[name]) for name, c in found]
