@@ -241,13 +241,13 @@ def screen(candidate: Candidate, config: SelectionConfig) -> Screened:
     if candidate.weight.dtype not in FLOAT_DTYPES:
         return Screened(candidate, SkipReason.UNSUPPORTED_DTYPE,
                         f"dtype {candidate.weight.dtype} is not a float16/bfloat16/float32/float64 weight")
+    if candidate.tied_with is not None:  # before graph reasons: a tie is why its reads look odd (or absent)
+        return Screened(candidate, SkipReason.TIED, f"shares its storage with {candidate.tied_with}")
     if candidate.unsafe is not None:
         return Screened(candidate, SkipReason.NOT_REWRITABLE, candidate.unsafe)
     refusal = candidate.refusal
     if refusal is not None and refusal.reason is not SkipReason.ORIENTATION_UNKNOWN:
         return Screened(candidate, refusal.reason, refusal.detail)
-    if candidate.tied_with is not None:
-        return Screened(candidate, SkipReason.TIED, f"shares its storage with {candidate.tied_with}")
     if not candidate.from_structure and included is None and (why := _looks_like_embedding(candidate)):
         return Screened(candidate, SkipReason.EMBEDDING_LIKE, f"{why}; --include it to factorize anyway")
     if refusal is not None:  # an unproven orientation: after the embedding rule, which says more

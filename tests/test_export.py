@@ -90,3 +90,25 @@ def test_plan_lists_what_apply_touches_and_verify(cli, tmp_path):
     assert applied.json["verify"]["loaded_without_factorize"] and applied.json["verify"]["max_abs_diff"] > 0
     r = cli("apply", original, tmp_path / "p.pt", "--min-features", "8")
     assert r.code == 2 and ".pt2" in r.stderr
+
+
+def test_head_tied_to_the_embedding_is_left_alone(cli, tmp_path):
+    from tests.test_torchscript import TiedLM, unique_parameter_bytes
+
+    torch.manual_seed(5)
+    model = TiedLM().eval()
+    ids = torch.randint(0, 96, (3, 7))
+    torch.export.save(torch.export.export(model, (ids,)), str(tmp_path / "lm.pt2"))
+    r = cli("apply", tmp_path / "lm.pt2", tmp_path / "out.pt2", "--min-features", "1", "-q", "--json")
+    assert r.code == 0, r.stderr
+    layers = {e["name"]: e for e in r.json["layers"]}
+    assert layers["head"]["reason"] == "tied-weight" and "embed.weight" in layers["head"]["detail"]
+    ranks = {n: e["rank"] for n, e in layers.items() if e["action"] == "factorize"}
+    assert set(ranks) == {"fc1", "fc2"}
+    program = torch.export.load(str(tmp_path / "out.pt2"))
+    before = dict(torch.export.load(str(tmp_path / "lm.pt2")).state_dict)
+    assert unique_parameter_bytes(dict(program.state_dict)) < unique_parameter_bytes(before)
+    with torch.no_grad():
+        expected = reference_model(model, ranks)(ids)
+        got = program.module()(ids)
+    assert float((got - expected).norm() / expected.norm()) < 1e-5

@@ -300,3 +300,52 @@ def test_module_registered_twice(cli, tmp_path):
     x = torch.randn(6, 32)
     got = run_fresh(tmp_path, tmp_path / "t.pt", tmp_path / "s.pt", (x,))
     assert float((got["y"] - reference(x)).norm() / reference(x).norm()) < 1e-5
+
+
+class TiedLM(nn.Module):
+    """A small language model whose output head shares the embedding's weight (``head.weight = embed.weight``)."""
+
+    def __init__(self, vocab: int = 96, width: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.fc1 = nn.Linear(width, 64)
+        self.fc2 = nn.Linear(64, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        return self.head(x + self.fc2(torch.relu(self.fc1(x))))
+
+
+def unique_parameter_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind a state dict (a tied tensor counts once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state.values() if t.numel()}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("mode", ["script", "trace"])
+def test_head_tied_to_the_embedding_is_left_alone(cli, tmp_path, mode):
+    torch.manual_seed(5)
+    model = TiedLM().eval()
+    ids = torch.randint(0, 96, (3, 7))
+    torch.jit.save(torch.jit.script(model) if mode == "script" else torch.jit.trace(model, (ids,)),
+                   str(tmp_path / "lm.jit"))
+    before = torch.jit.load(str(tmp_path / "lm.jit")).state_dict()
+    assert before["head.weight"].untyped_storage().data_ptr() == before["embed.weight"].untyped_storage().data_ptr()
+    r = cli("apply", tmp_path / "lm.jit", tmp_path / "out.jit", "--min-features", "1", "-q", "--json")
+    assert r.code == 0, r.stderr
+    layers = {e["name"]: e for e in r.json["layers"]}
+    assert layers["head"]["action"] == "skip" and layers["head"]["reason"] == "tied-weight"
+    assert "embed.weight" in layers["head"]["detail"]
+    ranks = {n: e["rank"] for n, e in layers.items() if e["action"] == "factorize"}
+    assert set(ranks) == {"fc1", "fc2"}
+    result = torch.jit.load(str(tmp_path / "out.jit"))
+    after = result.state_dict()
+    saved = sum(4 * (w.numel() - ranks[n] * sum(w.shape)) for n, w in ((n, before[f"{n}.weight"]) for n in ranks))
+    assert unique_parameter_bytes(after) == unique_parameter_bytes(before) - saved  # no hidden full copy
+    assert after["head.weight"].untyped_storage().data_ptr() == after["embed.weight"].untyped_storage().data_ptr()
+    with torch.no_grad():
+        expected = reference_model(model, ranks)(ids)
+        got = result(ids)
+    assert float((got - expected).norm() / expected.norm()) < 1e-5

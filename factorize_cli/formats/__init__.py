@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from enum import Enum
 from pathlib import Path
 
-from factorize_cli.errors import InputError, OutputError, UsageError
+from factorize_cli.errors import InputError, OutputError, UsageError, describe
 from factorize_cli.formats.base import Checkpoint, TensorInfo
 
 __all__ = ["Checkpoint", "TensorInfo", "OutputKind", "check_output", "open_checkpoint", "output_kind",
@@ -47,8 +47,11 @@ def sniff(path: Path) -> str:
         try:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
-        except (zipfile.BadZipFile, OSError) as e:
-            raise InputError(f"{path}: damaged zip archive ({e})") from e
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: damaged zip archive (a member name marked UTF-8 is not UTF-8: "
+                             f"{e.object!r:.60})") from e
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+            raise InputError(f"{path}: damaged zip archive ({describe(e)})") from e
         if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
             return "torchscript"
         if any(n.endswith("serialized_exported_program.json") or n.endswith("/archive_format") for n in names):
@@ -87,15 +90,17 @@ def open_checkpoint(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> 
 
 
 def _open_torchscript(path: Path) -> Checkpoint:
-    from factorize_cli.errors import describe
+    from factorize_cli.errors import FactorizeError
     from factorize_cli.formats.torchfile import MappingReader
-    from factorize_cli.graphs.torchscript import load_archive
+    from factorize_cli.graphs.torchscript import load_archive, torch_message
 
     try:
         archive = load_archive(path)
         state = archive.module.state_dict()
-    except Exception as e:  # the TorchScript loader raises many kinds on damaged archives
-        raise InputError(f"{path}: not a loadable TorchScript archive ({describe(e)})") from e
+    except FactorizeError:
+        raise
+    except Exception as e:  # the TorchScript loader and compiler raise many kinds on damaged archives
+        raise InputError(f"{path}: not a loadable TorchScript archive ({torch_message(e)})") from e
     infos = [TensorInfo(key, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for key, t in state.items()]
     return Checkpoint(path=str(path), format="torchscript", infos=infos, reader=MappingReader(state),
                       container=archive)
@@ -106,7 +111,6 @@ def _open_exported(path: Path) -> Checkpoint:
 
     import torch
 
-    from factorize_cli.errors import describe
     from factorize_cli.formats.torchfile import MappingReader
 
     try:

@@ -76,5 +76,25 @@ class Checkpoint:
         self.close()
 
 
+def shared_storage(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Map each key whose storage another key also uses to the first such key (and that key to the second).
+
+    Every format whose loader keeps storage sharing (torch.save, TorchScript, torch.export) finds tied
+    weights this way: factorizing one name of a shared tensor would keep the other name's full copy.
+    """
+    first: dict[tuple[str, int], str] = {}
+    tied: dict[str, str] = {}
+    for key, t in tensors.items():
+        if t.numel() == 0 or t.device.type == "meta":
+            continue
+        ident = (t.device.type, t.untyped_storage().data_ptr())
+        if ident in first:
+            tied[key] = first[ident]
+            tied.setdefault(first[ident], key)
+        else:
+            first[ident] = key
+    return tied
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")

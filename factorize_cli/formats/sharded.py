@@ -123,7 +123,7 @@ def _validate(index_path: Path, weight_map: dict, opened: dict) -> tuple[list[Te
 
 
 def _tied(opened: dict) -> dict[str, str]:
-    from factorize_cli.formats.torchfile import shared_storage
+    from factorize_cli.formats.base import shared_storage
 
     tied: dict[str, str] = {}
     for f in opened.values():

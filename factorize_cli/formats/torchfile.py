@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from factorize_cli.errors import InputError, UnsafePickleError, describe
-from factorize_cli.formats.base import Checkpoint, TensorInfo, dtype_name
+from factorize_cli.formats.base import Checkpoint, TensorInfo, dtype_name, shared_storage
 
 # Keys under which training code commonly nests the model's state dict, most specific first.
 CONTAINER_KEYS = (
@@ -84,23 +84,6 @@ def checkpoint_from_mapping(state_dict: Mapping[str, Any], *, path: str = "<memo
         container=container if container is not None else state_dict,
         container_path=container_path, passthrough=extras, tied=shared_storage(tensors),
     )
-
-
-def shared_storage(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Map each key whose storage another key also uses to the first such key."""
-    first: dict[tuple[str, int], str] = {}
-    tied: dict[str, str] = {}
-    for key, t in tensors.items():
-        if t.numel() == 0 or t.device.type == "meta":
-            continue
-        storage = t.untyped_storage()
-        ident = (t.device.type, storage.data_ptr())
-        if ident in first:
-            tied[key] = first[ident]
-            tied.setdefault(first[ident], key)
-        else:
-            first[ident] = key
-    return tied
 
 
 def load_torch_object(path: Path, *, unsafe_pickle: bool) -> Any:

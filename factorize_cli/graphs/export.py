@@ -6,7 +6,8 @@ factorized weight this pass adds two parameter placeholders (``<layer>.module0.w
 program saves without them but fails to load), rewrites every call that reads the weight into
 two calls, and drops the old parameter from the graph, the signature and the state dict. A
 weight read by anything but the weight argument of a linear/conv call, or by a grouped conv, is
-left alone with the reason.
+left alone with the reason, as is one whose weight shares its storage with another state-dict entry
+(torch.export routes every read of a tied tensor through one of its names; the others keep it).
 """
 
 from __future__ import annotations
@@ -49,12 +50,13 @@ def _why_not(ep: ExportedProgram, placeholder) -> str | None:
 
 
 def candidates(ep: ExportedProgram):
-    from factorize_cli.formats.base import TensorInfo, dtype_name
+    from factorize_cli.formats.base import TensorInfo, dtype_name, shared_storage
     from factorize_cli.geometry import Geometry, LayerKind
     from factorize_cli.selection import Candidate
 
     nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
     params = dict(ep.state_dict)
+    tied = shared_storage(params)
     found = []
     for target, name in _weights(ep).items():
         node = nodes[name]
@@ -69,7 +71,7 @@ def candidates(ep: ExportedProgram):
         bias_info = TensorInfo(f"{layer}.bias", tuple(bias.shape), dtype_name(bias.dtype)) if bias is not None else None
         geometry = Geometry.from_weight_shape(kind, info.shape, bias_info is not None)
         found.append(Candidate(name=layer, weight=info, bias=bias_info, geometry=geometry, from_structure=True,
-                               unsafe=_why_not(ep, node)))
+                               unsafe=_why_not(ep, node), tied_with=tied.get(target)))
     return found
 
 

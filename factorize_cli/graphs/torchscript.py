@@ -7,8 +7,10 @@ it inlines every method of the root module, so each layer call becomes an ``aten
 registers, on the root (whose type is its own), one new submodule per factorized layer holding the
 two factor weights; and replaces each call by two calls of the same op: the original arguments with
 the first factor and no bias, then a pointwise op with the second factor and the original bias.
-The original weight is emptied. A layer whose weight is read anywhere else (tied weights, direct
-use, grouped or transposed convs) is reported and left alone.
+The original weight is emptied. A layer whose weight is read anywhere else (direct use, grouped or
+transposed convs) is reported and left alone, and so is one whose weight shares its storage with
+another attribute (an output head tied to the embedding): emptying one name of a shared tensor
+leaves the other's full copy in the archive, beside the new factors.
 """
 
 from __future__ import annotations
@@ -25,6 +27,21 @@ from factorize_cli.errors import InputError, describe
 _TORCH_LAYER = re.compile(r"^__torch__\.torch\.nn\.modules\.(linear|conv)\.(___torch_mangle_\d+\.)?"
                           r"(Linear|Conv1d|Conv2d)$")
 _OPS = {"aten::linear", "aten::conv1d", "aten::conv2d", "aten::_convolution"}
+_NDIM = {"Linear": 2, "Conv1d": 3, "Conv2d": 4}
+_WHERE = re.compile(r'File "(code/[^"]+)", line (\d+)')
+
+
+def torch_message(e: BaseException) -> str:
+    """torch's message about an archive in one line, with the place in the archive's code it points at.
+
+    A C++ message that quotes damaged (non-UTF-8) code reaches Python as a UnicodeDecodeError from
+    pybind, not as the message; its bytes still hold the message.
+    """
+    if isinstance(e, UnicodeDecodeError) and isinstance(e.object, bytes):
+        e = RuntimeError(e.object.decode("utf-8", "replace"))
+    first = describe(e).rstrip(":")
+    where = _WHERE.search(str(e))
+    return f"{first}, at {where[1]} line {where[2]}" if where else first
 
 
 def torch_layer_kind(module: torch.jit.ScriptModule) -> str | None:
@@ -196,6 +213,7 @@ class Archive:
 
 
 def load_archive(path) -> Archive:
+    """Load, inline and check an archive; torch's own exceptions (of many kinds) pass through."""
     import zipfile
 
     with zipfile.ZipFile(path) as z:
@@ -203,30 +221,53 @@ def load_archive(path) -> Archive:
     extra = {name: "" for name in names}
     module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     inline_methods(module)
+    try:
+        read_debug_info(module)
+    except Exception as e:
+        raise InputError(f"{path}: the archive's debug information (code/**.debug_pkl) is damaged "
+                         f"({torch_message(e)}); torch cannot save this module again") from e
     return Archive(module, {k: v if isinstance(v, bytes) else v.encode() for k, v in extra.items()})
+
+
+def read_debug_info(root: torch.jit.ScriptModule) -> None:
+    """Read the source ranges of every method now. torch unpickles a code file's ``debug_pkl`` only when
+    a source range is first asked for, so a damaged one would surface when the rewritten archive is
+    saved, after all the work; printing a graph asks for all of its nodes' ranges."""
+    seen = set()
+    for _, sub in root.named_modules():
+        kind = sub._c._type().qualified_name()
+        if kind in seen:
+            continue
+        seen.add(kind)
+        for name in sub._c._method_names():
+            str(sub._c._get_method(name).graph)
 
 
 def candidates(archive: Archive):
     """Candidates from module structure: torch's own Linear/Conv1d/Conv2d submodules."""
-    from factorize_cli.formats.base import TensorInfo, dtype_name
+    from factorize_cli.formats.base import TensorInfo, dtype_name, shared_storage
     from factorize_cli.geometry import Geometry, LayerKind
     from factorize_cli.selection import Candidate
 
-    found = []
+    state = archive.module.state_dict()
+    tied = shared_storage(state)  # torch.jit.load keeps storages shared
+    found, unregistered = [], {}
     for name, sub in archive.module.named_modules():
         kind = torch_layer_kind(sub) if name else None
-        if kind is None:
-            continue
-        weight = sub.weight
+        weight = getattr(sub, "weight", None) if kind else None
+        if not isinstance(weight, torch.Tensor) or weight.dim() != _NDIM[kind]:
+            continue  # not a layer this pass understands (only an edited archive gets here)
         bias = getattr(sub, "bias", None)
+        if f"{name}.weight" not in state:
+            unregistered[name] = "weight is not a parameter or buffer of the layer (edited class code?)"
         info = TensorInfo(f"{name}.weight", tuple(weight.shape), dtype_name(weight.dtype))
         bias_info = TensorInfo(f"{name}.bias", tuple(bias.shape), dtype_name(bias.dtype)) \
             if isinstance(bias, torch.Tensor) else None
         geometry = Geometry.from_weight_shape(LayerKind(kind.lower()), info.shape, bias_info is not None)
         groups = int(getattr(sub, "groups", 1)) if kind != "Linear" else 1
         found.append((name, Candidate(name=name, weight=info, bias=bias_info, geometry=geometry,
-                                      from_structure=True, groups=groups)))
-    unsafe = analyse(archive.module, [name for name, _ in found])
+                                      from_structure=True, groups=groups, tied_with=tied.get(info.key))))
+    unsafe = {**analyse(archive.module, [name for name, _ in found]), **unregistered}
     from dataclasses import replace
     return [replace(c, unsafe=unsafe[name]) for name, c in found]
 
@@ -240,14 +281,18 @@ def write_rewritten(archive: Archive, plan, factorize, results: dict, progress, 
         try:
             rewrite_layer(archive.module, layer.name, outcome.factors.first, outcome.factors.second)
         except RuntimeError as e:
-            raise InputError(f"{layer.name}: the graph could not be rewritten ({describe(e)})") from e
+            raise InputError(f"{layer.name}: the graph could not be rewritten ({torch_message(e)})") from e
         progress.advance(layer.name)
     with atomic_path(output) as tmp:
         try:
             torch.jit.save(archive.module, str(tmp), _extra_files=archive.extra_files)
+        except Exception as e:  # torch raises many kinds; a source range torch cannot print among them
+            raise InputError(f"{output}: the rewritten archive does not save ({torch_message(e)}); "
+                             "nothing was written") from e
+        try:
             torch.jit.load(str(tmp), map_location="cpu")  # a graph that saves can still fail to load
-        except RuntimeError as e:
-            raise InputError(f"{output}: the rewritten archive does not save and load ({describe(e)}); "
+        except Exception as e:
+            raise InputError(f"{output}: the rewritten archive does not load ({torch_message(e)}); "
                              "nothing was written") from e
         before_commit(tmp)
     return [str(output)]
