@@ -4,7 +4,10 @@ For every candidate layer, the float64 sums of ``x^T x`` and ``x`` over all rows
 matrix has (tokens for a Linear; unfolded ``c*kh*kw`` patches for a conv) and the row count.
 They are collected with forward pre-hooks while the model runs on the caller's batches (memory
 stays bounded whatever the number of batches), and stored as safetensors keyed by layer name:
-``<layer>.xtx``, ``<layer>.sum``, ``<layer>.count``.
+``<layer>.xtx``, ``<layer>.sum``, ``<layer>.count``. Layers that read the same input (q/k/v,
+gate/up) have identical statistics: format ``/2`` stores them once, under the first such layer,
+and the metadata's ``aliases`` maps each other layer to it. :class:`StatsFile` reads a file
+lazily, one layer at a time (an LLM's statistics are tens of GB); ``/1`` files are still read.
 
     stats = collect_activation_stats(model, batches)
     save_activation_stats(stats, "stats.safetensors")
@@ -14,7 +17,7 @@ stays bounded whatever the number of batches), and stored as safetensors keyed b
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,8 @@ from factorize_cli import __version__
 from factorize_cli.errors import InputError
 from factorize_cli.orientation import is_transformers_conv1d
 
-FORMAT = "factorize-activation-stats/1"
+FORMAT = "factorize-activation-stats/2"
+READABLE_FORMATS = ("factorize-activation-stats/1", FORMAT)
 _ROWS = 4096  # rows per float64 block while accumulating
 
 
@@ -119,37 +123,143 @@ def run_batch(model, batch: Any) -> Any:
     return model(batch)
 
 
+def shared_inputs(stats: Mapping[str, ActivationStats]) -> dict[str, str]:
+    """``{layer: canonical layer}`` for every layer whose statistics equal an earlier layer's:
+    grouped by row count and the bits of the sum vector, then confirmed with ``torch.equal``."""
+    groups: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    aliases: dict[str, str] = {}
+    for name, s in stats.items():
+        total = s.total.detach().to("cpu", torch.float64).contiguous()
+        group = groups.setdefault((s.count, tuple(total.view(torch.int64).tolist())), [])
+        same = next((c for c in group if torch.equal(stats[c].xtx, s.xtx)), None)
+        if same is None:
+            group.append(name)
+        else:
+            aliases[name] = same
+    return aliases
+
+
 def save_activation_stats(stats: Mapping[str, ActivationStats], path: str | Path,
                           metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``stats`` as safetensors; layers with identical statistics share one set of tensors."""
     from factorize_cli.atomic import atomic_path
     from factorize_cli.formats.safetensors import OutputTensor, write_safetensors
 
+    aliases = shared_inputs(stats)
     tensors: dict[str, torch.Tensor] = {}
     for name, s in stats.items():
-        tensors[f"{name}.xtx"] = s.xtx
-        tensors[f"{name}.sum"] = s.total
+        if name in aliases:
+            continue
+        tensors[f"{name}.xtx"] = s.xtx.to(torch.float64)
+        tensors[f"{name}.sum"] = s.total.to(torch.float64)
         tensors[f"{name}.count"] = torch.tensor(s.count, dtype=torch.int64)
     layout = [OutputTensor(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()]
-    meta = {"format": FORMAT, "producer": f"factorize {__version__}",
-            "layers": json.dumps(sorted(stats)), **dict(metadata or {})}
+    meta = {"format": FORMAT, "producer": f"factorize {__version__}", "layers": json.dumps(sorted(stats)),
+            "aliases": json.dumps(dict(sorted(aliases.items()))), **dict(metadata or {})}
     with atomic_path(Path(path)) as tmp:
         write_safetensors(tmp, layout, iter(tensors.values()), meta)
 
 
-def load_activation_stats(path: str | Path) -> dict[str, ActivationStats]:
-    from factorize_cli.formats import open_checkpoint
+class StatsFile:
+    """Activation statistics on disk, read one layer at a time (the file stays open until closed).
 
-    with open_checkpoint(path) as ckpt:
-        if ckpt.metadata.get("format") != FORMAT:
-            raise InputError(f"{path}: not activation statistics written by factorize "
-                             f"(metadata format {ckpt.metadata.get('format')!r}, expected {FORMAT!r})")
-        out = {}
-        for name in json.loads(ckpt.metadata.get("layers", "[]")):
-            try:
-                xtx, total, count = (ckpt.get(f"{name}.{part}") for part in ("xtx", "sum", "count"))
-            except KeyError:
-                raise InputError(f"{path}: statistics of {name} are incomplete") from None
-            if xtx.dim() != 2 or xtx.shape[0] != xtx.shape[1] or total.shape != (xtx.shape[0],):
-                raise InputError(f"{path}: statistics of {name} have inconsistent shapes")
-            out[name] = ActivationStats(xtx.to(torch.float64), total.to(torch.float64), int(count))
+    Opening checks the header only: every layer's tensors exist with consistent shapes. A
+    layer's input width comes from the header; its row count is a one-element read; its ``xtx``
+    is read only by :meth:`second_moment` or :meth:`read`.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        from factorize_cli.formats import open_checkpoint
+
+        self.path = str(path)
+        self._file = open_checkpoint(path)
+        try:
+            self.layers, self._aliases = self._check()
+        except BaseException:
+            self._file.close()
+            raise
+        self._names = frozenset(self.layers)
+        self._counts: dict[str, int] = {}
+
+    def _bad(self, why: str) -> InputError:
+        return InputError(f"{self.path}: {why}")
+
+    def _check(self) -> tuple[tuple[str, ...], dict[str, str]]:
+        meta = self._file.metadata
+        if meta.get("format") not in READABLE_FORMATS:
+            raise self._bad(f"not activation statistics written by factorize (metadata format "
+                            f"{meta.get('format')!r}, expected {FORMAT!r})")
+        try:
+            layers, aliases = json.loads(meta.get("layers", "[]")), json.loads(meta.get("aliases", "{}"))
+        except ValueError:
+            raise self._bad("the statistics' layer list is not JSON") from None
+        if not (isinstance(layers, list) and all(isinstance(n, str) for n in layers) and isinstance(aliases, dict)):
+            raise self._bad("the statistics' metadata lists no layers")
+        for name, target in aliases.items():
+            if name not in layers or target not in layers or target in aliases:
+                raise self._bad(f"statistics of {name} point to {target!r}, which holds none")
+        for name in layers:
+            if name in aliases:
+                continue
+            xtx, total, count = (self._file.info(f"{name}.{part}") for part in ("xtx", "sum", "count"))
+            if xtx is None or total is None or count is None:
+                raise self._bad(f"statistics of {name} are incomplete")
+            if len(xtx.shape) != 2 or xtx.shape[0] != xtx.shape[1] or total.shape != (xtx.shape[0],) \
+                    or count.numel != 1:
+                raise self._bad(f"statistics of {name} have inconsistent shapes")
+        return tuple(layers), dict(aliases)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def canonical(self, name: str) -> str:
+        """The layer whose tensors hold ``name``'s statistics (itself unless its input is shared)."""
+        return self._aliases.get(name, name)
+
+    def fan_in(self, name: str) -> int:
+        info = self._file.info(f"{self.canonical(name)}.xtx")
+        if info is None:
+            raise KeyError(name)
+        return info.shape[0]
+
+    def count(self, name: str) -> int:
+        canonical = self.canonical(name)
+        if canonical not in self._counts:
+            self._counts[canonical] = int(self._file.get(f"{canonical}.count").reshape(()))
+        return self._counts[canonical]
+
+    def second_moment(self, name: str) -> torch.Tensor:
+        """``xtx / count`` in float64: the one read of the layer's (large) matrix."""
+        xtx = self._file.get(f"{self.canonical(name)}.xtx").to(torch.float64)
+        return xtx.div_(max(self.count(name), 1))
+
+    def read(self, name: str) -> ActivationStats:
+        canonical = self.canonical(name)
+        xtx, total = (self._file.get(f"{canonical}.{part}").to(torch.float64) for part in ("xtx", "sum"))
+        return ActivationStats(xtx, total, self.count(name))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> StatsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_activation_stats(path: str | Path) -> dict[str, ActivationStats]:
+    """Every layer's statistics in memory (layers that share an input get their own copies)."""
+    out: dict[str, ActivationStats] = {}
+    first: dict[str, ActivationStats] = {}  # by canonical layer
+    with StatsFile(path) as stats:
+        for name in stats:
+            s = first.get(stats.canonical(name))
+            if s is None:
+                out[name] = first[stats.canonical(name)] = stats.read(name)
+            else:
+                out[name] = ActivationStats(s.xtx.clone(), s.total.clone(), s.count)
     return out

@@ -257,13 +257,28 @@ def whitening(second_moment: torch.Tensor, floor: float = 1e-6) -> tuple[torch.T
     ``S`` instead of a failure. Directions that carry no activation then barely count.
     """
     c = second_moment.to(torch.float64)
-    c = (c + c.T) / 2
+    c = c + c.T
+    c /= 2  # (C + C^T) / 2 with one temporary: C is fan_in^2 float64
     lam, q = torch.linalg.eigh(c)
+    del c
     top = float(lam.max()) if lam.numel() else 0.0
     if not math.isfinite(top) or top <= 0 or not bool(torch.isfinite(lam).all()):
         raise ValueError("the second moment is zero or not finite")
     root = lam.clamp_min(floor * top).sqrt()
     return (q * root) @ q.T, (q / root) @ q.T
+
+
+def output_space(geometry: Geometry) -> Geometry:
+    """The plain ``out x fan_in`` matrix a whitened factorization works on, whatever the layer kind."""
+    return Geometry(geometry.kind.LINEAR, geometry.out_features, geometry.fan_in, (), False)
+
+
+def whitened_singular_values(weight: torch.Tensor, geometry: Geometry, root: torch.Tensor, *,
+                             engine: str = "exact", device: str = "cpu") -> torch.Tensor:
+    """All singular values of ``W S`` (float64, descending), the spectrum :func:`factorize_whitened`
+    truncates, computed the way ``engine`` would compute them (``gram``: float64 Gram matrix)."""
+    m = as_matrix(weight, geometry).to(torch.float64) @ root
+    return singular_values(m, output_space(geometry), engine=engine, device=device)
 
 
 @dataclass(frozen=True)
@@ -279,8 +294,7 @@ def factorize_whitened(weight: torch.Tensor, geometry: Geometry, rank: int, root
     of ``W S`` and map the input-side factor back with ``S^-1`` (SVD-LLM's whitening)."""
     w = as_matrix(weight, geometry).to(torch.float64)
     m = w @ root
-    space = Geometry(geometry.kind.LINEAR, geometry.out_features, geometry.fan_in, (), False)
-    inner = factorize_checked(m, space, rank, engine=engine, seed=seed, device=device, measure=False)
+    inner = factorize_checked(m, output_space(geometry), rank, engine=engine, seed=seed, device=device, measure=False)
     second = inner.factors.second.reshape(geometry.out_features, rank)
     first = inner.factors.first.reshape(rank, geometry.fan_in) @ root_inverse
     scale = (first.norm(dim=1) / second.norm(dim=0).clamp_min(1e-300)).sqrt()  # re-balance the pair

@@ -28,6 +28,7 @@ from factorize_cli.planning import Inspector, LayerPlan, Plan, build_plan
 from factorize_cli.report import LayerResult, build_report, dumps
 from factorize_cli.rewrite import Placed, Role, output_layout
 from factorize_cli.selection import SkipReason, candidates_from_keys, screen
+from factorize_cli.whitening import Whitener
 
 if TYPE_CHECKING:  # torch is imported where weights are read: a header-only plan needs none
     import torch
@@ -58,44 +59,12 @@ def default_report_path(output: Path) -> Path:
     return output.parent / f"{stem}.factorize.json"
 
 
-class Whitener:
-    """Each layer's whitening ``(S, S^-1)`` from the activation statistics, computed on demand
-    (not cached: for LLM-sized layers each pair is hundreds of MB)."""
-
-    def __init__(self, path: str | None) -> None:
-        self.stats = {}
-        if path:
-            from factorize_cli.calibration import load_activation_stats
-
-            self.stats = load_activation_stats(path)
-
-    def covers(self, layer: LayerPlan) -> bool:
-        stats = self.stats.get(layer.name)
-        return stats is not None and stats.count > 0 and stats.xtx.shape[0] == layer.geometry.fan_in
-
-    def why_not(self, layer: LayerPlan) -> str:
-        stats = self.stats.get(layer.name)
-        if stats is None:
-            return "no calibration statistics for this layer: plain SVD"
-        if stats.count == 0:
-            return "calibration statistics saw no inputs: plain SVD"
-        return (f"calibration statistics have {stats.xtx.shape[0]} input features, the layer "
-                f"{layer.geometry.fan_in}: plain SVD")
-
-    def root(self, layer: LayerPlan):
-        from factorize_cli.factorization import whitening
-
-        return whitening(self.stats[layer.name].second_moment)
-
-
 def _inspector(checkpoint: Checkpoint, config: FactorizeConfig, whitener: Whitener, keys: list[str], *,
                spectra: bool, progress: Progress) -> Inspector:
     """Look at each layer still in the running (their weights, ``keys``, are read ahead in this order):
     refuse non-finite weights, note whether activation statistics cover it, and read its spectrum
     (of ``W S`` when whitened) if asked."""
-    import torch
-
-    from factorize_cli.factorization import all_finite, as_matrix, choose_engine, singular_values
+    from factorize_cli.factorization import all_finite, choose_engine, singular_values
 
     weights = prefetch(checkpoint, iter(keys))
 
@@ -106,16 +75,17 @@ def _inspector(checkpoint: Checkpoint, config: FactorizeConfig, whitener: Whiten
                 raise RuntimeError(f"internal error: read-ahead out of step at {layer.name}")
             if not all_finite(weight):
                 return layer.skipped(SkipReason.NON_FINITE, "weight holds NaN or Inf values")
-            if whitener.stats:
-                layer = replace(layer, calibrated=whitener.covers(layer),
-                                detail="" if whitener.covers(layer) else whitener.why_not(layer))
+            if whitener.active:
+                why_not = whitener.why_not(layer)
+                layer = replace(layer, calibrated=why_not is None, detail=why_not or "")
             if not spectra:
                 return layer
             engine = config.svd if config.svd in ("exact", "gram") else choose_engine(layer.geometry)
             if layer.calibrated:
-                root, _ = whitener.root(layer)
-                matrix = as_matrix(weight, layer.geometry).to(torch.float64) @ root
-                return replace(layer, spectrum=torch.linalg.svdvals(matrix.to(config.device)).cpu())
+                whitened = whitener.spectrum(weight, layer, engine=engine, device=config.device)
+                if not isinstance(whitened, str):
+                    return replace(layer, spectrum=whitened)
+                layer = replace(layer, calibrated=False, detail=whitened)
             return replace(layer, spectrum=singular_values(weight, layer.geometry, engine=engine,
                                                            device=config.device))
         finally:
@@ -137,16 +107,21 @@ def make_plan(checkpoint: Checkpoint, config: FactorizeConfig, *, spectra: bool,
         structure = read_structure(checkpoint.path) if checkpoint.format != "memory" else None
         found = candidates_from_keys(checkpoint, config.selection, structure)
         candidates, notes = list(found.candidates), found.notes
+    own = whitener is None
     whitener = whitener or Whitener(config.calibration)
-    inspected = [c.weight.key for c in candidates if screen(c, config.selection).reason is None]
-    inspect = _inspector(checkpoint, config, whitener, inspected, spectra=spectra, progress=progress) \
-        if spectra or read_weights or whitener.stats else None
-    progress.start("spectra" if spectra else "checking weights", len(candidates) if inspect else 0)
     try:
+        inspected = [c for c in candidates if screen(c, config.selection).reason is None]
+        if spectra:
+            whitener.begin_planning(c.name for c in inspected)
+        inspect = _inspector(checkpoint, config, whitener, [c.weight.key for c in inspected], spectra=spectra,
+                             progress=progress) if spectra or read_weights or whitener.active else None
+        progress.start("spectra" if spectra else "checking weights", len(candidates) if inspect else 0)
         return build_plan(candidates, config, source=checkpoint.path, fmt=checkpoint.format, inspect=inspect,
                           notes=notes)
     finally:
         progress.stop()
+        if own:
+            whitener.close()
 
 
 def _sources(layout: list[Placed]) -> Iterator[str]:
@@ -180,24 +155,23 @@ def layer_seed(seed: int, name: str) -> int:
 def factorize_layer(weight: torch.Tensor, layer: LayerPlan, config: FactorizeConfig,
                     whitener: Whitener | None) -> tuple[Any, LayerResult]:
     """The factors of one planned layer (whitened when calibrated) and what they achieved."""
-    from factorize_cli.factorization import factorize_checked, factorize_whitened, sum_squares
+    from factorize_cli.factorization import factorize_checked, sum_squares
 
     weight = weight.detach()
     seed = layer_seed(config.seed, layer.name)
-    output_error = None
-    if layer.calibrated and whitener is not None:
-        root, inverse = whitener.root(layer)
-        whitened = factorize_whitened(weight, layer.geometry, layer.rank, root, inverse, engine=config.svd,
-                                      seed=seed, device=config.device)
-        outcome, output_error = whitened.outcome, whitened.output_error
+    whitened = whitener.factorize(weight, layer, engine=config.svd, seed=seed, device=config.device) \
+        if layer.calibrated and whitener is not None else None
+    if whitened is None or isinstance(whitened, str):  # not calibrated, or why whitening failed
+        outcome, output_error, fallback = factorize_checked(weight, layer.geometry, layer.rank, engine=config.svd,
+                                                            seed=seed, device=config.device), None, whitened
     else:
-        outcome = factorize_checked(weight, layer.geometry, layer.rank, engine=config.svd, seed=seed,
-                                    device=config.device)
+        outcome, output_error, fallback = whitened.outcome, whitened.output_error, None
     factors = outcome.factors
     full = len(factors.sigma) == layer.geometry.max_rank
     return outcome, LayerResult(
         outcome.achieved_error, factors.stats.energy_kept, math.sqrt(sum_squares(weight)), outcome.engine,
-        factors.sigma if full else None, output_error, factors.stats.norm if output_error is not None else None)
+        factors.sigma if full else None, output_error, factors.stats.norm if output_error is not None else None,
+        fallback)
 
 
 def execute(checkpoint: Checkpoint, layout: list[Placed], config: FactorizeConfig,
@@ -344,14 +318,15 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
                   force=force)
 
     specs = [VerifySpec.parse(text) for text in verify]
-    with open_checkpoint(source, unsafe_pickle=unsafe_pickle) as checkpoint:
+    with open_checkpoint(source, unsafe_pickle=unsafe_pickle) as checkpoint, \
+            Whitener(config.calibration, keep_for_apply=True) as whitener:
         graph = checkpoint.format in GRAPH_FORMATS
         kind = _resolve_output_kind(checkpoint, output, kind)
         if specs and not graph:
             raise UsageError("--verify runs models: it needs a TorchScript or .pt2 input")
         _check_device(config)
-        whitener = Whitener(config.calibration)
         plan = make_plan(checkpoint, config, spectra=False, progress=progress, whitener=whitener)
+        whitener.begin_apply(layer.name for layer in plan.to_factorize if layer.calibrated)
         layout = [] if graph else output_layout(checkpoint, plan)
         destination = {"path": str(output), "format": kind.value, "files": [], "report": str(report_path),
                        "tensors": len(layout) if layout else len(checkpoint.infos), "written": False}
@@ -430,12 +405,13 @@ def factorize_state_dict(state_dict: Mapping[str, Any], config: FactorizeConfig 
     if not isinstance(state_dict, Mapping):
         raise InputError(f"expected a state dict (a mapping of names to tensors), got {type(state_dict).__name__}")
     checkpoint = checkpoint_from_mapping(state_dict)
-    whitener = Whitener(config.calibration)
-    plan = make_plan(checkpoint, config, spectra=False, whitener=whitener)
-    layout = output_layout(checkpoint, plan)
-    results: dict[str, LayerResult] = {}
-    tensors = execute(checkpoint, layout, config, results, _Silent(), whitener)
-    out = collections.OrderedDict((p.entry.key, t) for p, t in zip(layout, tensors, strict=True))
+    with Whitener(config.calibration, keep_for_apply=True) as whitener:
+        plan = make_plan(checkpoint, config, spectra=False, whitener=whitener)
+        whitener.begin_apply(layer.name for layer in plan.to_factorize if layer.calibrated)
+        layout = output_layout(checkpoint, plan)
+        results: dict[str, LayerResult] = {}
+        tensors = execute(checkpoint, layout, config, results, _Silent(), whitener)
+        out = collections.OrderedDict((p.entry.key, t) for p, t in zip(layout, tensors, strict=True))
     out.update(checkpoint.passthrough or {})
     report = build_report(command="apply", checkpoint=checkpoint, plan=plan, results=results, output=None,
                           notes=[], timing=_timing(started, t0))

@@ -32,6 +32,7 @@ class LayerResult:
     spectrum: Any = None  # every singular value, when the engine computed them all (a float64 tensor)
     output_error: float | None = None  # ||(W - W') S|| / ||W S|| when whitened by activation statistics
     output_norm: float | None = None  # ||W S||
+    fallback: str | None = None  # why a layer planned as calibrated got plain SVD after all (whitening failed)
 
 
 def _spectrum(layer: LayerPlan, result: LayerResult | None) -> Any:
@@ -55,6 +56,7 @@ def _layer_entry(layer: LayerPlan, result: LayerResult | None) -> dict[str, Any]
             predicted = spectrum_stats(layer.spectrum, rank)
     weight_side = predicted if not layer.calibrated else None
     output_side = predicted if layer.calibrated else None
+    fallback = result.fallback if result else None
     if not done:
         predicted_error, achieved_error, energy = 0.0, 0.0, 1.0  # the weight is kept as it is
         predicted_output, achieved_output = (0.0, 0.0) if layer.calibrated else (None, None)
@@ -76,7 +78,7 @@ def _layer_entry(layer: LayerPlan, result: LayerResult | None) -> dict[str, Any]
         "dtype": cand.weight.dtype,
         "action": layer.action.value,
         "reason": layer.reason.value if layer.reason else None,
-        "detail": layer.detail,
+        "detail": fallback or layer.detail,
         "rank": layer.rank,
         "pinned": layer.pinned,
         "break_even_rank": geo.break_even_rank,
@@ -88,7 +90,7 @@ def _layer_entry(layer: LayerPlan, result: LayerResult | None) -> dict[str, Any]
         "achieved_error": achieved_error,
         "energy_kept": energy,
         "norm": norm,
-        "calibrated": layer.calibrated,
+        "calibrated": layer.calibrated and fallback is None,
         "predicted_output_error": predicted_output,
         "achieved_output_error": achieved_output,
         "output_norm": output_norm,

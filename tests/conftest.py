@@ -133,3 +133,36 @@ def fetch_wheel_folder(requirement: str, folder: str, name: str) -> Path:
 
 if sys.platform == "win32":  # pragma: no cover
     pytest.skip("POSIX only", allow_module_level=True)
+
+
+LLAMA_SHAPES = {  # one decoder block, in the order a Hugging Face safetensors file stores it (sorted)
+    "layers.0.mlp.down_proj": ((48, 96), "down"),
+    "layers.0.mlp.gate_proj": ((96, 48), "mlp"),
+    "layers.0.mlp.up_proj": ((96, 48), "mlp"),
+    "layers.0.self_attn.k_proj": ((16, 48), "attn"),
+    "layers.0.self_attn.o_proj": ((48, 48), "o"),
+    "layers.0.self_attn.q_proj": ((48, 48), "attn"),
+    "layers.0.self_attn.v_proj": ((16, 48), "attn"),
+}
+MODEL_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def llama_block() -> tuple[dict[str, torch.Tensor], dict]:
+    """A LLaMA-like decoder block and its activation statistics, collected per layer like the hooks do:
+    q/k/v (and gate/up) read the same input, so their statistics are identical but separate objects."""
+    from factorize_cli.calibration import ActivationStats
+
+    gen = torch.Generator().manual_seed(7)
+    inputs = {}
+    for source, width in (("attn", 48), ("o", 48), ("mlp", 48), ("down", 96)):
+        x = torch.randn(600, width, generator=gen, dtype=torch.float64)
+        inputs[source] = x * torch.logspace(0, -2, width, dtype=torch.float64)[torch.randperm(width, generator=gen)]
+    state_dict = {f"{name}.weight": decaying_matrix(*shape, alpha=0.3, seed=i)
+                  for i, (name, (shape, _)) in enumerate(LLAMA_SHAPES.items())}
+    stats = {}
+    for short in MODEL_ORDER:  # hooks fire in the model's order: q is the first reader of its input
+        name = next(n for n in LLAMA_SHAPES if n.endswith(short))
+        shape, source = LLAMA_SHAPES[name]
+        stats[name] = ActivationStats.empty(shape[1])
+        stats[name].add(inputs[source])
+    return state_dict, stats

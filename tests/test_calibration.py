@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from factorize_cli.calibration import (collect_activation_stats, input_rows, load_activation_stats,
-                                       save_activation_stats)
+from factorize_cli.calibration import (ActivationStats, StatsFile, collect_activation_stats, input_rows,
+                                       load_activation_stats, save_activation_stats)
 from factorize_cli.errors import InputError
 from factorize_cli.factorization import factorize_checked, factorize_whitened, whitening
 from factorize_cli.geometry import Geometry, LayerKind
 from factorize_cli.modules import convert_to_factorized, read_rank_map
+from tests.conftest import llama_block
 
 
 def output_optimum(w: torch.Tensor, x: torch.Tensor, rank: int) -> float:
@@ -168,3 +172,83 @@ def test_calibrated_apply_end_to_end(cli, tmp_path):
     for e in r3.json["layers"]:
         if e["action"] == "factorize" and e["calibrated"]:
             assert e["predicted_output_error"] <= 0.3 and e["predicted_error"] is None
+
+
+def test_shared_inputs_are_stored_once_and_read_back_equal(tmp_path):
+    _, stats = llama_block()
+    q = stats["layers.0.self_attn.q_proj"]
+    twin = ActivationStats(q.xtx.clone(), q.total.clone(), q.count)  # same count and sum, another xtx
+    twin.xtx[0, 1] += 1.0
+    twin.xtx[1, 0] += 1.0
+    stats["twin"] = twin
+    save_activation_stats(stats, tmp_path / "s.safetensors")
+    with safe_open(str(tmp_path / "s.safetensors"), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert meta["format"] == "factorize-activation-stats/2"
+    assert json.loads(meta["aliases"]) == {"layers.0.self_attn.k_proj": "layers.0.self_attn.q_proj",
+                                           "layers.0.self_attn.v_proj": "layers.0.self_attn.q_proj",
+                                           "layers.0.mlp.up_proj": "layers.0.mlp.gate_proj"}
+    assert len(keys) == 3 * 5  # q (for k, v), o, gate (for up), down, twin
+    assert "layers.0.self_attn.k_proj.xtx" not in keys and "twin.xtx" in keys
+    matrices = 8 * (4 * 48 * 48 + 96 * 96)
+    size = (tmp_path / "s.safetensors").stat().st_size
+    assert matrices < size < matrices + 8 * 400 + 4096  # sums, counts, header: not 3 more 48x48 matrices
+    back = load_activation_stats(tmp_path / "s.safetensors")
+    assert set(back) == set(stats)
+    for name, s in stats.items():
+        assert torch.equal(back[name].xtx, s.xtx) and torch.equal(back[name].total, s.total), name
+        assert back[name].count == s.count == 600
+    back["layers.0.self_attn.k_proj"].xtx.zero_()  # aliases are loaded as copies: no shared mutation
+    assert torch.equal(back["layers.0.self_attn.q_proj"].xtx, q.xtx)
+
+
+def write_v1(stats, path):
+    """A statistics file as format /1 wrote it: every layer's own tensors, no aliases."""
+    tensors = {}
+    for name, s in stats.items():
+        tensors.update({f"{name}.xtx": s.xtx, f"{name}.sum": s.total, f"{name}.count": torch.tensor(s.count)})
+    save_file(tensors, str(path), metadata={"format": "factorize-activation-stats/1",
+                                            "layers": json.dumps(sorted(stats))})
+
+
+def test_format_1_files_still_read(tmp_path):
+    _, stats = llama_block()
+    write_v1(stats, tmp_path / "v1.safetensors")
+    back = load_activation_stats(tmp_path / "v1.safetensors")
+    assert set(back) == set(stats)
+    assert all(torch.equal(back[n].xtx, s.xtx) and back[n].count == s.count for n, s in stats.items())
+    with StatsFile(tmp_path / "v1.safetensors") as f:
+        assert f.canonical("layers.0.self_attn.k_proj") == "layers.0.self_attn.k_proj"
+
+
+def test_opening_statistics_reads_no_matrix(tmp_path, monkeypatch):
+    from factorize_cli.formats.safetensors import _SafetensorsFile
+
+    _, stats = llama_block()
+    save_activation_stats(stats, tmp_path / "s.safetensors")
+    reads = []
+    get = _SafetensorsFile.get
+    monkeypatch.setattr(_SafetensorsFile, "get", lambda self, key: reads.append(key) or get(self, key))
+    with StatsFile(tmp_path / "s.safetensors") as f:
+        assert "layers.0.self_attn.v_proj" in f and "head" not in f
+        assert f.fan_in("layers.0.self_attn.v_proj") == 48 and f.fan_in("layers.0.mlp.down_proj") == 96
+        assert f.count("layers.0.self_attn.v_proj") == 600 and f.count("layers.0.self_attn.k_proj") == 600
+        assert reads == ["layers.0.self_attn.q_proj.count"]  # one tiny read, shared by the aliases
+        moment = f.second_moment("layers.0.self_attn.v_proj")
+    assert reads[1:] == ["layers.0.self_attn.q_proj.xtx"]
+    assert torch.equal(moment, stats["layers.0.self_attn.v_proj"].second_moment)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda meta, t: meta.update(aliases=json.dumps({"a": "nowhere"})), "holds none"),
+    (lambda meta, t: t.pop("fc.count"), "incomplete"),
+    (lambda meta, t: t.update({"fc.sum": torch.zeros(5, dtype=torch.float64)}), "inconsistent shapes"),
+])
+def test_damaged_statistics_are_refused_from_the_header(tmp_path, damage, message):
+    tensors = {"fc.xtx": torch.eye(4, dtype=torch.float64), "fc.sum": torch.zeros(4, dtype=torch.float64),
+               "fc.count": torch.tensor(3)}
+    meta = {"format": "factorize-activation-stats/2", "layers": json.dumps(["a", "fc"]), "aliases": '{"a": "fc"}'}
+    damage(meta, tensors)
+    save_file(tensors, str(tmp_path / "s.safetensors"), metadata=meta)
+    with pytest.raises(InputError, match=message):
+        StatsFile(tmp_path / "s.safetensors")
