@@ -222,13 +222,13 @@ def test_format_1_files_still_read(tmp_path):
 
 
 def test_opening_statistics_reads_no_matrix(tmp_path, monkeypatch):
-    from factorize_cli.formats.safetensors import _SafetensorsFile
+    from factorize_cli.formats.safetensors import SafetensorsFile
 
     _, stats = llama_block()
     save_activation_stats(stats, tmp_path / "s.safetensors")
     reads = []
-    get = _SafetensorsFile.get
-    monkeypatch.setattr(_SafetensorsFile, "get", lambda self, key: reads.append(key) or get(self, key))
+    get = SafetensorsFile.get
+    monkeypatch.setattr(SafetensorsFile, "get", lambda self, key: reads.append(key) or get(self, key))
     with StatsFile(tmp_path / "s.safetensors") as f:
         assert "layers.0.self_attn.v_proj" in f and "head" not in f
         assert f.fan_in("layers.0.self_attn.v_proj") == 48 and f.fan_in("layers.0.mlp.down_proj") == 96

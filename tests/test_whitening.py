@@ -18,7 +18,7 @@ from factorize_cli import factorization
 from factorize_cli.calibration import ActivationStats, StatsFile, save_activation_stats
 from factorize_cli.config import FactorizeConfig, SelectionConfig
 from factorize_cli.factorization import factorize_checked, factorize_whitened, whitening
-from factorize_cli.formats.safetensors import _SafetensorsFile
+from factorize_cli.formats.safetensors import SafetensorsFile
 from factorize_cli.formats.torchfile import checkpoint_from_mapping
 from factorize_cli.geometry import Geometry, LayerKind
 from factorize_cli.pipeline import layer_seed, make_plan
@@ -94,8 +94,8 @@ def test_one_whitening_per_input_across_plan_and_apply(cli, tmp_path, block, cou
 
 def test_statistics_matrices_are_read_only_for_whitened_layers(cli, tmp_path, block, monkeypatch):
     reads = []
-    get = _SafetensorsFile.get
-    monkeypatch.setattr(_SafetensorsFile, "get",
+    get = SafetensorsFile.get
+    monkeypatch.setattr(SafetensorsFile, "get",
                         lambda self, key: (reads.append(key) if self.path.name == "s.safetensors" else None)
                         or get(self, key))
     r = cli("apply", tmp_path / "m.safetensors", tmp_path / "out.safetensors", "--calibration",
