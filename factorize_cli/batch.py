@@ -87,7 +87,7 @@ def apply_jobs(inputs: Sequence[str], output: Path, globs: Sequence[str] = DEFAU
     from factorize_cli.outputs import check_apart
 
     check_apart(output, "output folder", [Path(raw) for raw in inputs] + [Path(source) for source, _ in found])
-    from factorize_cli.pipeline import default_report_path
+    from factorize_cli.outputs import default_report_path
 
     seen: dict[str, str] = {}
     for source, relative in found:

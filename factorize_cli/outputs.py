@@ -35,6 +35,12 @@ def _within(inner: set[Path], outer: set[Path]) -> bool:
     return any(o == i or o in i.parents for i in inner for o in outer)
 
 
+def default_report_path(output: Path) -> Path:
+    """``<stem>.factorize.json`` beside the output."""
+    stem = output.stem if output.suffix else output.name
+    return output.parent / f"{stem}.factorize.json"
+
+
 def check_targets(targets: Mapping[str, Path | None], inputs: Iterable[Path], *, force: bool) -> None:
     """Refuse the run unless every target (``{what: path}``; ``None`` entries are ignored) may be written."""
     chosen = {what: Path(p) for what, p in targets.items() if p is not None}

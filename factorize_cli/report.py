@@ -11,6 +11,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from factorize_cli import __version__
@@ -214,3 +215,22 @@ def load_schema() -> dict[str, Any]:
 
 def dumps(report: dict[str, Any]) -> str:
     return json.dumps(report, indent=2, allow_nan=False) + "\n"
+
+
+def raise_for_gates(report: dict[str, Any]) -> None:
+    from factorize_cli.errors import GateError
+
+    if not report["gates"]["passed"]:
+        raise GateError(report["gates"]["violations"], report)
+
+
+def write_reports(report: dict[str, Any], report_path: str | Path | None, html_path: str | Path | None) -> None:
+    """The JSON report and the HTML page, each written atomically where asked."""
+    from factorize_cli.atomic import write_text_atomic
+
+    if report_path:
+        write_text_atomic(Path(report_path), dumps(report))
+    if html_path:
+        from factorize_cli.html import render_html
+
+        write_text_atomic(Path(html_path), render_html(report))

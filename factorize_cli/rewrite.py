@@ -8,13 +8,21 @@ its place. The layout is computed from the plan alone, before any data is read.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from factorize_cli.errors import InputError
 from factorize_cli.formats.base import Checkpoint
 from factorize_cli.formats.safetensors import OutputTensor
 from factorize_cli.planning import LayerPlan, Plan
+
+if TYPE_CHECKING:
+    import torch
+
+    from factorize_cli.execution import LayerWork
+    from factorize_cli.factorization import Factors
 
 
 class Role(str, Enum):
@@ -66,3 +74,39 @@ def output_layout(checkpoint: Checkpoint, plan: Plan) -> list[Placed]:
                              "(does the input already hold factorized layers of that name?)")
         seen.add(p.entry.key)
     return placed
+
+
+def _sources(layout: list[Placed]) -> Iterator[str]:
+    """The input keys :func:`execute` reads, in the order it reads them."""
+    for placed in layout:
+        if placed.role is Role.COPY:
+            yield placed.entry.source
+        elif placed.role is Role.FIRST:
+            yield placed.layer.candidate.weight.key
+        elif placed.role is Role.BIAS and placed.layer.candidate.bias is not None:
+            yield placed.layer.candidate.bias.key
+
+
+def execute(checkpoint: Checkpoint, layout: list[Placed], work: LayerWork) -> Iterator[torch.Tensor]:
+    """Yield the output tensors in layout order, factorizing each layer when its first factor is due."""
+    import torch
+
+    from factorize_cli.formats.base import prefetch
+
+    reads = prefetch(checkpoint, _sources(layout))
+    factors: Factors | None = None
+    for placed in layout:
+        layer = placed.layer
+        if placed.role is Role.COPY:
+            yield next(reads)
+        elif placed.role is Role.FIRST:
+            weight = next(reads)
+            factors = work.record(layer, work.factorize(layer, weight)).factors
+            del weight
+            yield factors.first
+        elif placed.role is Role.SECOND:
+            yield factors.second
+        else:  # Role.BIAS
+            bias = layer.candidate.bias
+            yield next(reads) if bias else torch.zeros(placed.entry.shape, dtype=getattr(torch, placed.entry.dtype))
+            factors = None

@@ -21,7 +21,8 @@ from factorize_cli.factorization import factorize_checked, factorize_whitened, w
 from factorize_cli.formats.safetensors import SafetensorsFile
 from factorize_cli.formats.torchfile import checkpoint_from_mapping
 from factorize_cli.geometry import Geometry, LayerKind
-from factorize_cli.pipeline import layer_seed, make_plan
+from factorize_cli.execution import layer_seed
+from factorize_cli.pipeline import make_plan
 from factorize_cli.report import load_schema
 from factorize_cli.whitening import Whitener
 from tests.conftest import decaying_matrix, llama_block

@@ -154,7 +154,7 @@ def build_config(*, factorize_linears: bool, factorize_convs: bool, min_features
 def _device(requested: str) -> str:
     import sys
 
-    from factorize_cli.pipeline import resolve_device
+    from factorize_cli.devices import resolve_device
 
     device, note = resolve_device(requested)
     if note:

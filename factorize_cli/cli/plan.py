@@ -47,7 +47,8 @@ def plan(
     from factorize_cli.cli.render import RichProgress
     from factorize_cli.cli.run import run_jobs
     from factorize_cli.errors import UsageError
-    from factorize_cli.pipeline import plan_checkpoint, raise_for_gates
+    from factorize_cli.pipeline import plan_checkpoint
+    from factorize_cli.report import raise_for_gates
 
     jobs = plan_jobs(checkpoints, tuple(globs or DEFAULT_GLOBS))
     _single_only(len(jobs), json_out=json_out, report=report, html=html)

@@ -64,7 +64,8 @@ def sniff(path: Path) -> str:
     if head[:1] == b"\x80":
         raise InputError(f"{path}: a plain pickle, not a torch.save checkpoint")
     raise InputError(f"{path}: not a checkpoint this tool reads "
-                     "(expected a torch.save file, a .safetensors file or a sharded safetensors directory)")
+                     "(expected a torch.save file, a .safetensors file, a TorchScript or .pt2 program, or a sharded "
+                     "checkpoint folder)")
 
 
 def open_checkpoint(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> Checkpoint:
@@ -81,49 +82,11 @@ def open_checkpoint(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> 
     if kind == "safetensors":
         from factorize_cli.formats.safetensors import open_safetensors_file
         return open_safetensors_file(path)
-    if kind == "torchscript":
-        return _open_torchscript(path)
-    if kind == "torch-export":
-        return _open_exported(path)
+    if kind in ("torchscript", "torch-export"):
+        from factorize_cli.graphs.format import BY_NAME
+        return BY_NAME[kind].open(path)
     from factorize_cli.formats.torchfile import open_torch_file
     return open_torch_file(path, unsafe_pickle=unsafe_pickle)
-
-
-def _open_torchscript(path: Path) -> Checkpoint:
-    from factorize_cli.errors import FactorizeError
-    from factorize_cli.formats.torchfile import MappingReader
-    from factorize_cli.graphs.torchscript import load_archive, torch_message
-
-    try:
-        archive = load_archive(path)
-        state = archive.module.state_dict()
-    except FactorizeError:
-        raise
-    except Exception as e:  # the TorchScript loader and compiler raise many kinds on damaged archives
-        raise InputError(f"{path}: not a loadable TorchScript archive ({torch_message(e)})") from e
-    infos = [TensorInfo(key, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for key, t in state.items()]
-    return Checkpoint(path=str(path), format="torchscript", infos=infos, reader=MappingReader(state),
-                      container=archive)
-
-
-def _open_exported(path: Path) -> Checkpoint:
-    import warnings
-
-    import torch
-
-    from factorize_cli.formats.torchfile import MappingReader
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.export.load(str(path))
-            state = dict(program.state_dict)
-            program.validate()
-    except Exception as e:  # the loader raises many kinds on damaged archives
-        raise InputError(f"{path}: not a loadable torch.export program ({describe(e)})") from e
-    infos = [TensorInfo(key, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for key, t in state.items()]
-    return Checkpoint(path=str(path), format="torch-export", infos=infos, reader=MappingReader(state),
-                      container=program)
 
 
 def output_kind(path: Path) -> OutputKind:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import collections
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -54,9 +57,14 @@ class Checkpoint:
     tied: dict[str, str] = field(default_factory=dict)
     shard_of: dict[str, str] = field(default_factory=dict)
     index_name: str | None = None
+    handler: Any = None  # the format's side of the pipeline (see Format); state dicts by default
 
     def __post_init__(self) -> None:
         self._by_key = {info.key: info for info in self.infos}
+        if self.handler is None:
+            from factorize_cli.formats.statedict import STATE_DICT
+
+            self.handler = STATE_DICT
 
     def info(self, key: str) -> TensorInfo | None:
         return self._by_key.get(key)
@@ -98,3 +106,42 @@ def shared_storage(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+class Format(Protocol):
+    """What the pipeline asks of an opened checkpoint's format, and never more: state dicts
+    (:mod:`factorize_cli.formats.statedict`) and graph programs (:mod:`factorize_cli.graphs.format`)."""
+
+    def candidates(self, checkpoint: Checkpoint, selection: Any) -> tuple[list, tuple[str, ...]]:
+        """The layers that could be factorized, and notes on how they were found."""
+
+    def output_kind(self, checkpoint: Checkpoint, output: Path) -> Any:
+        """The output this input gives at ``output``; refuses, before any work, what cannot be written."""
+
+    def output_tensors(self, checkpoint: Checkpoint, plan: Any) -> int:
+        """How many tensors the output holds; refuses a plan the format cannot write."""
+
+    def notes(self, checkpoint: Checkpoint, kind: Any) -> list[str]:
+        """What the report should say about the output's format."""
+
+    def write(self, checkpoint: Checkpoint, plan: Any, work: Any, output: Path, *, metadata: dict[str, str],
+              before_commit: Callable[[Path], None]) -> list[str]:
+        """Write the planned result atomically (``work`` factorizes each layer); the files written."""
+
+    def verifier(self, checkpoint: Checkpoint, source: Path) -> Callable[..., dict[str, Any]]:
+        """A function running the original and a written result side by side (``--verify``)."""
+
+    def calibrate(self, checkpoint: Checkpoint, batches: list, device: str) -> dict:
+        """Each candidate layer's activation statistics from running the model on ``batches``."""
+
+
+def prefetch(checkpoint: Checkpoint, keys: Iterator[str], depth: int = 2) -> Iterator[torch.Tensor]:
+    """Read tensors ahead on a background thread while the caller computes (reads release the GIL)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="factorize-read") as pool:
+        pending: collections.deque = collections.deque()
+        for key in keys:
+            pending.append(pool.submit(checkpoint.get, key))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

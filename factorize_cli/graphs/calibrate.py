@@ -158,7 +158,6 @@ def calibrate_checkpoint(model: str | Path, inputs: str | Path, stats: str | Pat
     from factorize_cli.errors import InputError, UsageError, describe
     from factorize_cli.formats import open_checkpoint
     from factorize_cli.outputs import check_targets
-    from factorize_cli.graphs import GRAPH_FORMATS
 
     stats, model = Path(stats), Path(model)
     check_targets({"statistics": stats}, [model, Path(inputs)], force=force)
@@ -178,14 +177,8 @@ def calibrate_checkpoint(model: str | Path, inputs: str | Path, stats: str | Pat
         raise InputError(f"{inputs}: expected a tensor or a list of batches (tensors or tuples of tensors)")
     batches = [tuple(t.to(device) for t in b) if isinstance(b, (list, tuple)) else b.to(device) for b in batches]
     with open_checkpoint(model) as checkpoint:
-        if checkpoint.format not in GRAPH_FORMATS:
-            raise UsageError(f"{model}: calibrate runs a model (TorchScript or .pt2); for a state dict, collect "
-                             "statistics with factorize_cli.collect_activation_stats on the live model")
-        layers = {c.name: c.weight.shape for c in GRAPH_FORMATS[checkpoint.format]().candidates(checkpoint.container)
-                  if c.unsafe is None}
-        run = calibrate_torchscript if checkpoint.format == "torchscript" else calibrate_exported
         try:
-            collected = run(checkpoint.container, layers, batches, device=device)
+            collected = checkpoint.handler.calibrate(checkpoint, batches, device)
         except RuntimeError as e:
             raise InputError(f"{model}: running the model on {inputs} failed ({describe(e)})") from e
     save_activation_stats(collected, stats, {"model": str(model), "inputs": str(inputs),

@@ -1,0 +1,104 @@
+"""The plan's per-layer work: inspecting weights while planning, factorizing each planned layer.
+
+Formats call :meth:`LayerWork.factorize` for every layer they write, whatever they write it into
+(state-dict tensors, a TorchScript or ``.pt2`` graph): plain or whitened, on the configured
+engine and device, with a per-layer seed, and the numbers the report needs.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from factorize_cli.config import FactorizeConfig
+from factorize_cli.formats.base import Checkpoint, prefetch
+from factorize_cli.planning import Inspector, LayerPlan
+from factorize_cli.progress import Progress, Silent
+from factorize_cli.report import LayerResult
+from factorize_cli.selection import SkipReason
+from factorize_cli.whitening import Whitener
+
+if TYPE_CHECKING:  # torch is imported where weights are read: a header-only plan needs none
+    import torch
+
+    from factorize_cli.factorization import Outcome
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """A per-layer seed that does not depend on the order layers are processed in."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63)
+
+
+@dataclass
+class LayerWork:
+    """Factorizes planned layers; the writer records each result and advances the progress."""
+
+    config: FactorizeConfig
+    whitener: Whitener
+    progress: Progress = field(default_factory=Silent)
+    results: dict[str, LayerResult] = field(default_factory=dict)
+
+    def factorize(self, layer: LayerPlan, weight: torch.Tensor) -> tuple[Outcome, LayerResult]:
+        """The factors of one planned layer (whitened when calibrated) and what they achieved."""
+        from factorize_cli.factorization import factorize_checked, sum_squares
+
+        config, weight = self.config, weight.detach()
+        seed = layer_seed(config.seed, layer.name)
+        whitened = self.whitener.factorize(weight, layer, engine=config.svd, seed=seed, device=config.device) \
+            if layer.calibrated else None
+        if whitened is None or isinstance(whitened, str):  # not calibrated, or why whitening failed
+            outcome = factorize_checked(weight, layer.geometry, layer.rank, engine=config.svd, seed=seed,
+                                        device=config.device)
+            output_error, fallback = None, whitened
+        else:
+            outcome, output_error, fallback = whitened.outcome, whitened.output_error, None
+        factors = outcome.factors
+        full = len(factors.sigma) == layer.geometry.max_rank
+        return outcome, LayerResult(
+            outcome.achieved_error, factors.stats.energy_kept, math.sqrt(sum_squares(weight)), outcome.engine,
+            factors.sigma if full else None, output_error,
+            factors.stats.norm if output_error is not None else None, fallback)
+
+    def record(self, layer: LayerPlan, outcome_and_result: tuple[Outcome, LayerResult]) -> Outcome:
+        outcome, self.results[layer.name] = outcome_and_result
+        self.progress.advance(layer.name)
+        return outcome
+
+
+def inspector(checkpoint: Checkpoint, config: FactorizeConfig, whitener: Whitener, keys: list[str], *,
+              spectra: bool, progress: Progress) -> Inspector:
+    """Look at each layer still in the running (their weights, ``keys``, are read ahead in this order):
+    refuse non-finite weights, note whether activation statistics cover it, and read its spectrum
+    (of ``W S`` when whitened) if asked."""
+    from factorize_cli.factorization import all_finite, choose_engine, singular_values
+
+    weights = prefetch(checkpoint, iter(keys))
+
+    def inspect(layer: LayerPlan) -> LayerPlan:
+        weight = next(weights)
+        try:
+            if tuple(weight.shape) != layer.candidate.weight.shape:
+                raise RuntimeError(f"internal error: read-ahead out of step at {layer.name}")
+            if not all_finite(weight):
+                return layer.skipped(SkipReason.NON_FINITE, "weight holds NaN or Inf values")
+            if whitener.active:
+                why_not = whitener.why_not(layer)
+                layer = replace(layer, calibrated=why_not is None, detail=why_not or "")
+            if not spectra:
+                return layer
+            engine = config.svd if config.svd in ("exact", "gram") else choose_engine(layer.geometry)
+            if layer.calibrated:
+                whitened = whitener.spectrum(weight, layer, engine=engine, device=config.device)
+                if not isinstance(whitened, str):
+                    return replace(layer, spectrum=whitened)
+                layer = replace(layer, calibrated=False, detail=whitened)
+            return replace(layer, spectrum=singular_values(weight, layer.geometry, engine=engine,
+                                                           device=config.device))
+        finally:
+            progress.advance(layer.name)
+
+    return inspect
+
+
