@@ -27,6 +27,7 @@ from torch import nn
 
 from factorize_cli import __version__
 from factorize_cli.errors import InputError
+from factorize_cli.formats.base import dtype_name
 from factorize_cli.orientation import is_transformers_conv1d
 
 FORMAT = "factorize-activation-stats/2"
@@ -153,7 +154,7 @@ def save_activation_stats(stats: Mapping[str, ActivationStats], path: str | Path
         tensors[f"{name}.xtx"] = s.xtx.to(torch.float64)
         tensors[f"{name}.sum"] = s.total.to(torch.float64)
         tensors[f"{name}.count"] = torch.tensor(s.count, dtype=torch.int64)
-    layout = [OutputTensor(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()]
+    layout = [OutputTensor(k, tuple(v.shape), dtype_name(v.dtype)) for k, v in tensors.items()]
     meta = {"format": FORMAT, "producer": f"factorize {__version__}", "layers": json.dumps(sorted(stats)),
             "aliases": json.dumps(dict(sorted(aliases.items()))), **dict(metadata or {})}
     with atomic_path(Path(path)) as tmp:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from factorize_cli.errors import InputError, UsageError, describe
-from factorize_cli.formats.base import Checkpoint, TensorInfo
+from factorize_cli.formats.base import Checkpoint, TensorInfo, dtype_name
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: reading headers needs none
     import torch
@@ -222,7 +222,7 @@ def write_safetensors(path: Path, layout: Sequence[OutputTensor], tensors: Itera
         f.write(blob)
         for entry, tensor in zip(layout, tensors, strict=True):
             raw = isinstance(tensor, RawTensor)
-            dtype = tensor.dtype if raw else str(tensor.dtype).removeprefix("torch.")
+            dtype = tensor.dtype if raw else dtype_name(tensor.dtype)
             if tuple(tensor.shape) != entry.shape or dtype != entry.dtype:
                 raise RuntimeError(f"internal error: {entry.key} is {tuple(tensor.shape)} {dtype}, "
                                    f"planned {entry.shape} {entry.dtype}")
