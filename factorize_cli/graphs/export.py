@@ -21,6 +21,8 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
 from factorize_cli.errors import InputError, describe
+from factorize_cli.geometry import LayerKind
+from factorize_cli.graphs.candidate import layer_candidate
 
 _KINDS = {"linear": "linear", "conv1d": "conv1d", "conv2d": "conv2d"}
 
@@ -50,9 +52,8 @@ def _why_not(ep: ExportedProgram, placeholder) -> str | None:
 
 
 def candidates(ep: ExportedProgram):
-    from factorize_cli.formats.base import TensorInfo, dtype_name, shared_storage
-    from factorize_cli.geometry import Geometry, LayerKind
-    from factorize_cli.selection import Candidate
+    """Candidates from the graph: parameters read as the weight of linear/conv1d/conv2d calls (one op kind)."""
+    from factorize_cli.formats.base import shared_storage
 
     nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
     params = dict(ep.state_dict)
@@ -64,14 +65,9 @@ def candidates(ep: ExportedProgram):
         weight = params.get(target)
         if len(kinds) != 1 or weight is None or weight.dim() not in (2, 3, 4):
             continue
-        kind = LayerKind(kinds.pop())
         layer = target.removesuffix(".weight")
-        bias = params.get(f"{layer}.bias")
-        info = TensorInfo(target, tuple(weight.shape), dtype_name(weight.dtype))
-        bias_info = TensorInfo(f"{layer}.bias", tuple(bias.shape), dtype_name(bias.dtype)) if bias is not None else None
-        geometry = Geometry.from_weight_shape(kind, info.shape, bias_info is not None)
-        found.append(Candidate(name=layer, weight=info, bias=bias_info, geometry=geometry, from_structure=True,
-                               unsafe=_why_not(ep, node), tied_with=tied.get(target)))
+        found.append(layer_candidate(layer, weight, params.get(f"{layer}.bias"), LayerKind(kinds.pop()),
+                                     tied_with=tied.get(target), unsafe=_why_not(ep, node)))
     return found
 
 

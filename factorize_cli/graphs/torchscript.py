@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from factorize_cli.errors import InputError, describe
+from factorize_cli.geometry import LayerKind
+from factorize_cli.graphs.candidate import layer_candidate
 
 _TORCH_LAYER = re.compile(r"^__torch__\.torch\.nn\.modules\.(linear|conv)\.(___torch_mangle_\d+\.)?"
                           r"(Linear|Conv1d|Conv2d)$")
@@ -245,31 +247,24 @@ def read_debug_info(root: torch.jit.ScriptModule) -> None:
 
 def candidates(archive: Archive):
     """Candidates from module structure: torch's own Linear/Conv1d/Conv2d submodules."""
-    from factorize_cli.formats.base import TensorInfo, dtype_name, shared_storage
-    from factorize_cli.geometry import Geometry, LayerKind
-    from factorize_cli.selection import Candidate
+    from factorize_cli.formats.base import shared_storage
 
     state = archive.module.state_dict()
     tied = shared_storage(state)  # torch.jit.load keeps storages shared
-    found, unregistered = [], {}
+    layers = {}
     for name, sub in archive.module.named_modules():
         kind = torch_layer_kind(sub) if name else None
         weight = getattr(sub, "weight", None) if kind else None
-        if not isinstance(weight, torch.Tensor) or weight.dim() != _NDIM[kind]:
-            continue  # not a layer this pass understands (only an edited archive gets here)
-        bias = getattr(sub, "bias", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == _NDIM[kind]:
+            layers[name] = (sub, kind, weight)  # else not a layer this pass understands (an edited archive)
+    unsafe = analyse(archive.module, list(layers))
+    for name in layers:
         if f"{name}.weight" not in state:
-            unregistered[name] = "weight is not a parameter or buffer of the layer (edited class code?)"
-        info = TensorInfo(f"{name}.weight", tuple(weight.shape), dtype_name(weight.dtype))
-        bias_info = TensorInfo(f"{name}.bias", tuple(bias.shape), dtype_name(bias.dtype)) \
-            if isinstance(bias, torch.Tensor) else None
-        geometry = Geometry.from_weight_shape(LayerKind(kind.lower()), info.shape, bias_info is not None)
-        groups = int(getattr(sub, "groups", 1)) if kind != "Linear" else 1
-        found.append((name, Candidate(name=name, weight=info, bias=bias_info, geometry=geometry,
-                                      from_structure=True, groups=groups, tied_with=tied.get(info.key))))
-    unsafe = {**analyse(archive.module, [name for name, _ in found]), **unregistered}
-    from dataclasses import replace
-    return [replace(c, unsafe=unsafe[name]) for name, c in found]
+            unsafe[name] = "weight is not a parameter or buffer of the layer (edited class code?)"
+    return [layer_candidate(name, weight, getattr(sub, "bias", None), LayerKind(kind.lower()),
+                            groups=int(getattr(sub, "groups", 1)) if kind != "Linear" else 1,
+                            tied_with=tied.get(f"{name}.weight"), unsafe=unsafe[name])
+            for name, (sub, kind, weight) in layers.items()]
 
 
 def write_rewritten(archive: Archive, plan, factorize, results: dict, progress, output, *, before_commit) -> list[str]:
