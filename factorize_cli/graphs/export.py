@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import copy
 import warnings
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
-from factorize_cli.errors import InputError, describe
 from factorize_cli.geometry import LayerKind
 from factorize_cli.graphs.candidate import layer_candidate
+from factorize_cli.graphs.write import GraphSteps, write_graph
 
 _KINDS = {"linear": "linear", "conv1d": "conv1d", "conv2d": "conv2d"}
 
@@ -73,8 +74,7 @@ def candidates(ep: ExportedProgram):
 
 def rewrite(ep: ExportedProgram, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> ExportedProgram:
     """A new program in which each layer of ``factors`` ({layer: (first, second)}) runs as two calls."""
-    with warnings.catch_warnings():  # torch's own deprecation notices while copying its objects
-        warnings.simplefilter("ignore")
+    with _quiet():
         gm = copy.deepcopy(ep.graph_module)
         call_graph = copy.deepcopy(ep.module_call_graph)
     graph = gm.graph
@@ -136,20 +136,25 @@ def _split(graph, fake_mode, call, w0, w1, spatial: int) -> str:
 
 def write_rewritten(ep: ExportedProgram, plan, factorize, results: dict, progress, output, *,
                     before_commit) -> list[str]:
-    from factorize_cli.atomic import atomic_path
+    """Rewrite every planned layer, save atomically, and check the program loads before committing it."""
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    factors = {}
-    for layer in plan.to_factorize:
-        outcome, results[layer.name] = factorize(layer)
-        factors[layer.name] = (outcome.factors.first, outcome.factors.second)
-        progress.advance(layer.name)
-    with atomic_path(output) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
+    def save(tmp) -> None:
+        with _quiet():
             torch.export.save(rewrite(ep, factors), str(tmp))
-            torch.export.load(str(tmp)).module()  # a program that saves can still fail to load
-        except Exception as e:
-            raise InputError(f"{output}: the rewritten program does not save and load ({describe(e)}); "
-                             "nothing was written") from e
-        before_commit(tmp)
-    return [str(output)]
+
+    def load(tmp) -> None:
+        with _quiet():
+            torch.export.load(str(tmp)).module()
+
+    steps = GraphSteps("program", rewrite=lambda layer, first, second: factors.__setitem__(layer, (first, second)),
+                       save=save, load=load)
+    return write_graph(steps, plan, factorize, results, progress, output, before_commit=before_commit)
+
+
+@contextmanager
+def _quiet():
+    """torch's own deprecation notices while it copies, saves and loads its objects."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
