@@ -169,7 +169,8 @@ def test_factors_live_where_the_layer_lives_unless_its_type_is_shared(cli, tmp_p
 @pytest.mark.parametrize("mode", ["script", "trace"])
 def test_every_pair_sits_on_its_layer_when_types_are_unique(cli, tmp_path, mode):
     model, x = MLP().eval(), torch.randn(5, 48)
-    torch.jit.save(torch.jit.script(model) if mode == "script" else torch.jit.trace(model, (x,)), str(tmp_path / "m.pt"))
+    scripted = torch.jit.script(model) if mode == "script" else torch.jit.trace(model, (x,))
+    torch.jit.save(scripted, str(tmp_path / "m.pt"))
     r = cli("apply", tmp_path / "m.pt", tmp_path / "o.pt", "--min-features", "8", "-q", "--json")
     assert r.code == 0, r.stderr
     ranks = {e["name"]: e["rank"] for e in r.json["layers"] if e["action"] == "factorize"}
