@@ -1,12 +1,12 @@
 """Calibration statistics: what each layer's inputs look like, for data-aware factorization.
 
-For every candidate layer, the float64 sums of ``x^T x`` and ``x`` over all rows its input
-matrix has (tokens for a Linear; unfolded ``c*k`` / ``c*kh*kw`` patches for a Conv1d / Conv2d, see
-:func:`conv_rows`) and the row count. They are collected with forward pre-hooks while the model runs
-on the caller's batches (memory stays bounded whatever the number of batches), and stored as
-safetensors keyed by layer name: ``<layer>.xtx``, ``<layer>.sum``, ``<layer>.count``. Layers that read the same input (q/k/v,
-gate/up) have identical statistics: format ``/2`` stores them once, under the first such layer,
-and the metadata's ``aliases`` maps each other layer to it. :class:`StatsFile` reads a file
+For every candidate layer, the float64 sums of ``x^T x`` and ``x`` over all rows its input matrix has
+(tokens for a Linear; unfolded ``c*k`` / ``c*kh*kw`` patches for a Conv1d / Conv2d, see
+:func:`conv_rows`) and the row count. They are collected with forward pre-hooks while the model runs on
+the caller's batches (memory stays bounded whatever the number of batches), and stored as safetensors
+keyed by layer name: ``<layer>.xtx``, ``<layer>.sum``, ``<layer>.count``. Layers that read the same
+input (q/k/v, gate/up) have identical statistics: format ``/2`` stores them once, under the first such
+layer, and the metadata's ``aliases`` maps each other layer to it. :class:`StatsFile` reads a file
 lazily, one layer at a time (an LLM's statistics are tens of GB); ``/1`` files are still read.
 
     stats = collect_activation_stats(model, batches)
