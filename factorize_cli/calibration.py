@@ -1,12 +1,12 @@
 """Calibration statistics: what each layer's inputs look like, for data-aware factorization.
 
-For every candidate layer, the float64 sums of ``x^T x`` and ``x`` over all rows its input
-matrix has (tokens for a Linear; unfolded ``c*kh*kw`` patches for a conv) and the row count.
-They are collected with forward pre-hooks while the model runs on the caller's batches (memory
-stays bounded whatever the number of batches), and stored as safetensors keyed by layer name:
-``<layer>.xtx``, ``<layer>.sum``, ``<layer>.count``. Layers that read the same input (q/k/v,
-gate/up) have identical statistics: format ``/2`` stores them once, under the first such layer,
-and the metadata's ``aliases`` maps each other layer to it. :class:`StatsFile` reads a file
+For every candidate layer, the float64 sums of ``x^T x`` and ``x`` over all rows its input matrix has
+(tokens for a Linear; unfolded ``c*k`` / ``c*kh*kw`` patches for a Conv1d / Conv2d, see
+:func:`conv_rows`) and the row count. They are collected with forward pre-hooks while the model runs on
+the caller's batches (memory stays bounded whatever the number of batches), and stored as safetensors
+keyed by layer name: ``<layer>.xtx``, ``<layer>.sum``, ``<layer>.count``. Layers that read the same
+input (q/k/v, gate/up) have identical statistics: format ``/2`` stores them once, under the first such
+layer, and the metadata's ``aliases`` maps each other layer to it. :class:`StatsFile` reads a file
 lazily, one layer at a time (an LLM's statistics are tens of GB); ``/1`` files are still read.
 
     stats = collect_activation_stats(model, batches)
@@ -65,13 +65,29 @@ def input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The rows the layer's weight matrix multiplies: tokens for a Linear, unfolded patches for a conv."""
     if isinstance(layer, nn.Linear) or is_transformers_conv1d(layer):
         return x.reshape(-1, x.shape[-1])
-    if layer.padding_mode != "zeros" or isinstance(layer.padding, str) or any(layer.padding):
-        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-        x = nn.functional.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
-    if isinstance(layer, nn.Conv2d):
-        patches = nn.functional.unfold(x, layer.kernel_size, dilation=layer.dilation, stride=layer.stride)
+    return conv_rows(x, layer.kernel_size, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                     padding_mode=layer.padding_mode)
+
+
+def conv_rows(x: torch.Tensor, kernel: tuple[int, ...], *, stride: tuple[int, ...], padding: tuple[int, ...] | str,
+              dilation: tuple[int, ...], padding_mode: str = "zeros") -> torch.Tensor:
+    """The rows a Conv1d/Conv2d weight's ``d x (c*k...)`` matrix multiplies: ``x`` (``N x c x spatial``)
+    padded as the conv pads it (``padding`` per spatial dim, or ``'same'``/``'valid'``; ``padding_mode`` as
+    nn.Conv's), then unfolded into one row of ``c*k...`` values per output position. The rows are copies of
+    input values (or padding), so any route to them gives the same bits."""
+    if padding == "valid":
+        pairs = [(0, 0)] * len(kernel)
+    elif padding == "same":  # as torch pads it: the odd unit of padding goes after
+        pairs = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation)]
+    else:
+        pairs = [(p, p) for p in padding]
+    pads = [side for pair in reversed(pairs) for side in pair]  # F.pad wants the last dim first
+    if any(pads):
+        x = nn.functional.pad(x, pads, mode="constant" if padding_mode == "zeros" else padding_mode)
+    if len(kernel) == 2:
+        patches = nn.functional.unfold(x, kernel, dilation=dilation, stride=stride)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N*L, c*kh*kw)
-    (k,), (d,), (s,) = layer.kernel_size, layer.dilation, layer.stride
+    (k,), (d,), (s,) = kernel, dilation, stride
     windows = x.unfold(2, (k - 1) * d + 1, s)[..., ::d]  # (N, c, L, k)
     return windows.permute(0, 2, 1, 3).reshape(-1, x.shape[1] * k)  # (N*L, c*k)
 

@@ -141,6 +141,47 @@ def test_rewritten_archive_runs_the_rank_r_model(cli, tmp_path, case, mode):
     assert extra["notes.txt"] in (b"keep me", "keep me")
 
 
+def test_factors_live_where_the_layer_lives_unless_its_type_is_shared(cli, tmp_path):
+    from factorize_cli.graphs.torchscript import attribute_path, walk
+
+    torch.jit.save(torch.jit.script(Twins().eval()), str(tmp_path / "t.pt"))
+    r = cli("apply", tmp_path / "t.pt", tmp_path / "o.pt", "--min-features", "8", "--min-channels", "8", "-q", "--json")
+    assert r.code == 0, r.stderr
+    ranks = {e["name"]: e["rank"] for e in r.json["layers"] if e["action"] == "factorize"}
+    result = torch.jit.load(str(tmp_path / "o.pt"))
+    state = {k: tuple(v.shape) for k, v in result.state_dict().items()}
+    # head's class type is its own: the pair sits on the layer, as in a factorized state dict
+    assert state["head.module0.weight"] == (ranks["head"], 32) and state["head.module1.weight"] == (8, ranks["head"])
+    assert state["head.weight"] == (0,) and state["head.bias"] == (8,)
+    # a.fc shares its type with b.fc and proj (one scripted class for equal Linears): the pair sits on the root
+    assert state["factorized__a__fc.0.weight"] == (ranks["a.fc"], 32)
+    assert state["factorized__a__fc.1.weight"] == (32, ranks["a.fc"])
+    assert state["a.fc.weight"] == (0,) and state["a.fc.bias"] == (32,)
+    assert not any(k.startswith(("a.fc.module", "factorized__head")) for k in state)
+    assert state["proj.weight"] == (32, 32)  # not rewritable, and its type is untouched
+    factor_keys = {k for k in state if ".module0." in k or ".module1." in k or k.startswith("factorized__")}
+    assert len(factor_keys) == 2 * len(ranks)
+    read = {attribute_path(n.output()) for n in walk(result.graph) if n.kind() == "prim::GetAttr"}
+    assert {"head.module0.weight", "head.module1.weight", "factorized__a__fc.0.weight"} <= read
+    assert not {f"{layer}.weight" for layer in ranks} & read  # no method reads an emptied weight
+
+
+@pytest.mark.parametrize("mode", ["script", "trace"])
+def test_every_pair_sits_on_its_layer_when_types_are_unique(cli, tmp_path, mode):
+    model, x = MLP().eval(), torch.randn(5, 48)
+    scripted = torch.jit.script(model) if mode == "script" else torch.jit.trace(model, (x,))
+    torch.jit.save(scripted, str(tmp_path / "m.pt"))
+    r = cli("apply", tmp_path / "m.pt", tmp_path / "o.pt", "--min-features", "8", "-q", "--json")
+    assert r.code == 0, r.stderr
+    ranks = {e["name"]: e["rank"] for e in r.json["layers"] if e["action"] == "factorize"}
+    assert set(ranks) == {"fc1", "fc2", "out"}
+    state = torch.jit.load(str(tmp_path / "o.pt")).state_dict()
+    expected = {"fc1.bias", "out.bias"} | {f"{layer}.{part}" for layer in ranks
+                                           for part in ("weight", "module0.weight", "module1.weight")}
+    assert set(state) == expected
+    assert all(state[f"{layer}.weight"].numel() == 0 for layer in ranks)
+
+
 def test_plan_lists_what_apply_touches(cli, tmp_path):
     torch.jit.save(torch.jit.script(Twins().eval()), str(tmp_path / "t.pt"))
     args = ("--min-features", "8", "--min-channels", "8", "-q", "--json")

@@ -10,7 +10,7 @@ from factorize_cli import __version__
 
 app = typer.Typer(
     name="factorize",
-    help="Shrink PyTorch checkpoints by low-rank (truncated SVD) factorization of Linear and Conv2d weights.",
+    help="Shrink PyTorch checkpoints by low-rank (truncated SVD) factorization of Linear, Conv1d and Conv2d weights.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},

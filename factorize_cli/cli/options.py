@@ -26,7 +26,7 @@ def _shared_parameters() -> list[inspect.Parameter]:
             help="Consider Linear (2-D) weights.")], True),
         opt("factorize_convs", Annotated[bool, typer.Option(
             "--factorize-convs/--no-factorize-convs", rich_help_panel=SELECTION,
-            help="Consider Conv2d (4-D) weights.")], True),
+            help="Consider Conv1d (3-D) and Conv2d (4-D) weights.")], True),
         opt("min_features", Annotated[int, typer.Option(
             "--min-features", min=1, rich_help_panel=SELECTION,
             help="Skip Linears with min(in, out) below this.")], 512),

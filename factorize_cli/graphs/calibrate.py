@@ -16,35 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
-from factorize_cli.calibration import ActivationStats, run_batch
+from factorize_cli.calibration import ActivationStats, conv_rows, run_batch
 
 
 def rows(kind: str, x: torch.Tensor, weight_shape: tuple[int, ...], stride=None, padding=None,
          dilation=None) -> torch.Tensor:
-    """The rows a layer's weight matrix multiplies, from the call's arguments."""
+    """The rows a layer's weight matrix multiplies, from the call's arguments (None: the op's default)."""
     if kind == "linear":
         return x.reshape(-1, x.shape[-1])
     kernel = tuple(weight_shape[2:])
     dims = len(kernel)
-    stride, dilation = _tuple(stride, dims, 1), _tuple(dilation, dims, 1)
-    if isinstance(padding, str):
-        if padding == "same":
-            pads = []
-            for k, d in zip(reversed(kernel), reversed(dilation)):
-                total = d * (k - 1)
-                pads += [total // 2, total - total // 2]
-            x = nn.functional.pad(x, pads)
-        padding = (0,) * dims
-    padding = _tuple(padding, dims, 0)
-    if dims == 2:
-        patches = nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    x = nn.functional.pad(x, (padding[0], padding[0]))
-    (k,), (d,), (s,) = kernel, dilation, stride
-    windows = x.unfold(2, (k - 1) * d + 1, s)[..., ::d]
-    return windows.permute(0, 2, 1, 3).reshape(-1, x.shape[1] * k)
+    return conv_rows(x, kernel, stride=_tuple(stride, dims, 1), dilation=_tuple(dilation, dims, 1),
+                     padding=padding if isinstance(padding, str) else _tuple(padding, dims, 0))
 
 
 def _evaluate(root, value):

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import copy
 import warnings
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
-from factorize_cli.errors import InputError, describe
+from factorize_cli.geometry import LayerKind
+from factorize_cli.graphs.candidate import layer_candidate
+from factorize_cli.graphs.write import GraphSteps, write_graph
 
 _KINDS = {"linear": "linear", "conv1d": "conv1d", "conv2d": "conv2d"}
 
@@ -50,9 +53,8 @@ def _why_not(ep: ExportedProgram, placeholder) -> str | None:
 
 
 def candidates(ep: ExportedProgram):
-    from factorize_cli.formats.base import TensorInfo, dtype_name, shared_storage
-    from factorize_cli.geometry import Geometry, LayerKind
-    from factorize_cli.selection import Candidate
+    """Candidates from the graph: parameters read as the weight of linear/conv1d/conv2d calls (one op kind)."""
+    from factorize_cli.formats.base import shared_storage
 
     nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
     params = dict(ep.state_dict)
@@ -64,21 +66,15 @@ def candidates(ep: ExportedProgram):
         weight = params.get(target)
         if len(kinds) != 1 or weight is None or weight.dim() not in (2, 3, 4):
             continue
-        kind = LayerKind(kinds.pop())
         layer = target.removesuffix(".weight")
-        bias = params.get(f"{layer}.bias")
-        info = TensorInfo(target, tuple(weight.shape), dtype_name(weight.dtype))
-        bias_info = TensorInfo(f"{layer}.bias", tuple(bias.shape), dtype_name(bias.dtype)) if bias is not None else None
-        geometry = Geometry.from_weight_shape(kind, info.shape, bias_info is not None)
-        found.append(Candidate(name=layer, weight=info, bias=bias_info, geometry=geometry, from_structure=True,
-                               unsafe=_why_not(ep, node), tied_with=tied.get(target)))
+        found.append(layer_candidate(layer, weight, params.get(f"{layer}.bias"), LayerKind(kinds.pop()),
+                                     tied_with=tied.get(target), unsafe=_why_not(ep, node)))
     return found
 
 
 def rewrite(ep: ExportedProgram, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> ExportedProgram:
     """A new program in which each layer of ``factors`` ({layer: (first, second)}) runs as two calls."""
-    with warnings.catch_warnings():  # torch's own deprecation notices while copying its objects
-        warnings.simplefilter("ignore")
+    with _quiet():
         gm = copy.deepcopy(ep.graph_module)
         call_graph = copy.deepcopy(ep.module_call_graph)
     graph = gm.graph
@@ -140,20 +136,25 @@ def _split(graph, fake_mode, call, w0, w1, spatial: int) -> str:
 
 def write_rewritten(ep: ExportedProgram, plan, factorize, results: dict, progress, output, *,
                     before_commit) -> list[str]:
-    from factorize_cli.atomic import atomic_path
+    """Rewrite every planned layer, save atomically, and check the program loads before committing it."""
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    factors = {}
-    for layer in plan.to_factorize:
-        outcome, results[layer.name] = factorize(layer)
-        factors[layer.name] = (outcome.factors.first, outcome.factors.second)
-        progress.advance(layer.name)
-    with atomic_path(output) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
+    def save(tmp) -> None:
+        with _quiet():
             torch.export.save(rewrite(ep, factors), str(tmp))
-            torch.export.load(str(tmp)).module()  # a program that saves can still fail to load
-        except Exception as e:
-            raise InputError(f"{output}: the rewritten program does not save and load ({describe(e)}); "
-                             "nothing was written") from e
-        before_commit(tmp)
-    return [str(output)]
+
+    def load(tmp) -> None:
+        with _quiet():
+            torch.export.load(str(tmp)).module()
+
+    steps = GraphSteps("program", rewrite=lambda layer, first, second: factors.__setitem__(layer, (first, second)),
+                       save=save, load=load)
+    return write_graph(steps, plan, factorize, results, progress, output, before_commit=before_commit)
+
+
+@contextmanager
+def _quiet():
+    """torch's own deprecation notices while it copies, saves and loads its objects."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

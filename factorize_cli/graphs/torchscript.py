@@ -4,13 +4,14 @@ Swapping a submodule for one of another type is fragile in TorchScript (a parent
 its fields' types, and instances of one class share their type). This pass avoids retyping modules:
 it inlines every method of the root module, so each layer call becomes an ``aten::linear`` /
 ``aten::conv1d|conv2d|_convolution`` node whose weight is read through a ``prim::GetAttr`` chain;
-registers, on the root (whose type is its own), one new submodule per factorized layer holding the
-two factor weights; and replaces each call by two calls of the same op: the original arguments with
-the first factor and no bias, then a pointwise op with the second factor and the original bias.
-The original weight is emptied. A layer whose weight is read anywhere else (direct use, grouped or
-transposed convs) is reported and left alone, and so is one whose weight shares its storage with
-another attribute (an output head tied to the embedding): emptying one name of a shared tensor
-leaves the other's full copy in the archive, beside the new factors.
+registers new submodules holding the two factor weights (on the layer itself when its class type is
+its own, else on the root: see :class:`FactorPairs`); and replaces each call by two calls of the same
+op: the original arguments with the first factor and no bias, then a pointwise op with the second
+factor and the original bias. The original weight is emptied: the layer's class type declares it and
+the layer's own methods, still in the archive, read it. A layer whose weight is read anywhere else
+(direct use, grouped or transposed convs) is reported and left alone, and so is one whose weight
+shares its storage with another attribute (an output head tied to the embedding): emptying one name
+of a shared tensor leaves the other's full copy in the archive, beside the new factors.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import torch
 from torch import nn
 
 from factorize_cli.errors import InputError, describe
+from factorize_cli.geometry import LayerKind
+from factorize_cli.graphs.candidate import layer_candidate
+from factorize_cli.graphs.write import GraphSteps, write_graph
 
 _TORCH_LAYER = re.compile(r"^__torch__\.torch\.nn\.modules\.(linear|conv)\.(___torch_mangle_\d+\.)?"
                           r"(Linear|Conv1d|Conv2d)$")
@@ -136,23 +140,66 @@ def _unrewritable(node, offset: int) -> str | None:
     return None
 
 
-def rewrite_layer(root: torch.jit.ScriptModule, layer: str, first: torch.Tensor, second: torch.Tensor) -> int:
-    """Replace every call of ``layer`` by its factor pair; returns the number of calls rewritten."""
-    holder = torch.jit.script(_pair(first, second))
-    attribute = "factorized__" + layer.replace(".", "__")
-    root._c._register_attribute(attribute, holder._c._type(), holder._c)
-    calls = _collect(root, {layer})[layer].calls
-    for graph, node in calls:
-        _split_call(graph, node, attribute, holder)
-    target = root
-    for part in layer.split("."):
-        target = getattr(target, part)
-    target._c.setattr("weight", torch.empty(0, dtype=first.dtype))  # the factors replace it
-    return len(calls)
+class FactorPairs:
+    """The rewrite pass: each call of a factorized layer becomes two calls of the same op, one per factor.
+
+    Why calls, not modules: a parent's class type fixes its fields' types, so a layer cannot be swapped
+    for a module of another type; its calls in the (inlined) root graphs can be. Where the pair lives:
+    on the layer itself, as submodules ``module0``/``module1`` (``<layer>.module0.weight``, the key layout
+    of every other output format), when no other module of the archive has the layer's class type, since
+    an attribute added to a class type is added to every instance of it; otherwise in a submodule of the
+    root (whose type is its own), ``factorized__<layer>``, holding them as ``0``/``1``. Type sharing is
+    read once, before any rewrite adds modules of new types.
+    """
+
+    def __init__(self, root: torch.jit.ScriptModule) -> None:
+        self.root = root
+        paths: dict[str, list[str]] = {}
+        for name, sub in root.named_modules(remove_duplicate=False):  # one module at two paths counts twice
+            paths.setdefault(sub._c._type().qualified_name(), []).append(name)
+        self._own_type = {names[0] for names in paths.values() if len(names) == 1}
+
+    def places_on_layer(self, layer: str) -> bool:
+        """Whether ``layer``'s pair goes on the layer itself (its type is its own and has no such fields)."""
+        module = _submodule(self.root, layer)
+        return layer in self._own_type and not (module.hasattr("module0") or module.hasattr("module1"))
+
+    def rewrite(self, layer: str, first: torch.Tensor, second: torch.Tensor) -> int:
+        """Replace every call of ``layer`` by its factor pair, empty its weight; returns the calls rewritten."""
+        module0, module1 = (torch.jit.script(m) for m in _factor_modules(first, second))
+        target = _submodule(self.root, layer)
+        if self.places_on_layer(layer):
+            target._register_attribute("module0", module0._c._type(), module0._c)
+            target._register_attribute("module1", module1._c._type(), module1._c)
+
+            def reads(graph, call):  # from the value the call reads the weight of: the layer
+                start = call.inputsAt(1).node().inputsAt(0)
+                return [_read(graph, call, start, target, [name, "weight"]) for name in ("module0", "module1")]
+        else:
+            holder = torch.jit.script(nn.Sequential(module0, module1))
+            attribute = "factorized__" + layer.replace(".", "__")
+            self.root._c._register_attribute(attribute, holder._c._type(), holder._c)
+
+            def reads(graph, call):  # from the method's self: the root
+                start = next(graph.inputs())
+                return [_read(graph, call, start, self.root._c, [attribute, name, "weight"]) for name in ("0", "1")]
+        calls = _collect(self.root, {layer})[layer].calls
+        for graph, call in calls:
+            _split_call(graph, call, *reads(graph, call), first.dim() - 2)
+        _drop_dead_reads(self.root, f"{layer}.weight")
+        target.setattr("weight", torch.empty(0, dtype=first.dtype))  # the factors replace it
+        return len(calls)
 
 
-def _pair(first: torch.Tensor, second: torch.Tensor) -> nn.Module:
-    """A module holding the two factors as ``0.weight`` and ``1.weight`` (bias stays with the layer)."""
+def _submodule(root: torch.jit.ScriptModule, path: str) -> torch._C.ScriptModule:
+    module = root._c
+    for name in path.split("."):
+        module = module.getattr(name)
+    return module
+
+
+def _factor_modules(first: torch.Tensor, second: torch.Tensor) -> tuple[nn.Module, nn.Module]:
+    """Modules holding the two factors as their ``weight`` (the bias stays with the layer)."""
     rank = first.shape[0]
     if first.dim() == 2:
         module0, module1 = nn.Linear(first.shape[1], rank, bias=False), nn.Linear(rank, second.shape[0], bias=False)
@@ -162,28 +209,30 @@ def _pair(first: torch.Tensor, second: torch.Tensor) -> nn.Module:
         module1 = conv(rank, second.shape[0], 1, bias=False)
     module0.weight = nn.Parameter(first.detach().clone(), requires_grad=False)
     module1.weight = nn.Parameter(second.detach().clone(), requires_grad=False)
-    return nn.Sequential(module0, module1)
+    return module0, module1
 
 
-def _split_call(graph, node, attribute: str, holder: torch.jit.ScriptModule) -> None:
-    self_value = next(graph.inputs())
+def _read(graph, before, value, module, names: list[str]):
+    """The value of ``value.<names...>``, read by a ``prim::GetAttr`` chain inserted before ``before``;
+    ``module`` is the (C++) module ``value`` holds, for the attributes' types."""
+    for name in names:
+        attribute = module.getattr(name)
+        get = graph.create("prim::GetAttr", [value])
+        get.s_("name", name)
+        get.insertBefore(before)
+        get.output().setType(attribute._type() if isinstance(attribute, torch._C.ScriptModule)
+                             else torch._C.TensorType.get())
+        value, module = get.output(), attribute
+    return value
 
-    def get(value, name: str, type_):
-        n = graph.create("prim::GetAttr", [value])
-        n.s_("name", name)
-        n.insertBefore(node)
-        n.output().setType(type_)
-        return n.output()
 
+def _split_call(graph, node, w0, w1, spatial: int) -> None:
+    """``op(x, w, b, ...)`` -> ``op(op(x, w0, None, ...), w1, b, pointwise...)``."""
     def constant(value):
         c = graph.insertConstant(value)
         c.node().moveBefore(node)
         return c
 
-    pair = get(self_value, attribute, holder._c._type())
-    first_c, second_c = holder._c.getattr("0"), holder._c.getattr("1")
-    w0 = get(get(pair, "0", first_c._type()), "weight", torch._C.TensorType.get())
-    w1 = get(get(pair, "1", second_c._type()), "weight", torch._C.TensorType.get())
     kind, inputs = node.kind(), list(node.inputs())
     first = graph.create(kind, [inputs[0], w0, constant(None), *inputs[3:]], 1)
     first.insertBefore(node)
@@ -191,8 +240,7 @@ def _split_call(graph, node, attribute: str, holder: torch.jit.ScriptModule) -> 
     if kind == "aten::linear":
         rest = [inputs[2]]
     else:
-        dims = first_c.getattr("weight").dim() - 2
-        ones, zeros = constant([1] * dims), constant([0] * dims)
+        ones, zeros = constant([1] * spatial), constant([0] * spatial)
         if kind == "aten::_convolution":  # transposed=False, output_padding=0, groups=1, then the flags
             rest = [inputs[2], ones, zeros, ones, constant(False), zeros, constant(1), *inputs[9:]]
         else:
@@ -202,6 +250,20 @@ def _split_call(graph, node, attribute: str, holder: torch.jit.ScriptModule) -> 
     second.output().setType(node.output().type())
     node.output().replaceAllUsesWith(second.output())
     node.destroy()
+
+
+def _drop_dead_reads(root: torch.jit.ScriptModule, path: str) -> None:
+    """Remove the reads of ``path`` (and of the modules on the way) left without a use once its calls
+    are rewritten, so that no method reads the emptied weight."""
+    for method in root._c._method_names():
+        graph = root._c._get_method(method).graph
+        dead = [n for n in walk(graph)
+                if n.kind() == "prim::GetAttr" and not n.output().uses() and attribute_path(n.output()) == path]
+        for node in dead:
+            while node.kind() == "prim::GetAttr" and not node.output().uses():
+                parent = node.inputsAt(0).node()
+                node.destroy()
+                node = parent
 
 
 @dataclass(frozen=True)
@@ -245,54 +307,29 @@ def read_debug_info(root: torch.jit.ScriptModule) -> None:
 
 def candidates(archive: Archive):
     """Candidates from module structure: torch's own Linear/Conv1d/Conv2d submodules."""
-    from factorize_cli.formats.base import TensorInfo, dtype_name, shared_storage
-    from factorize_cli.geometry import Geometry, LayerKind
-    from factorize_cli.selection import Candidate
+    from factorize_cli.formats.base import shared_storage
 
     state = archive.module.state_dict()
     tied = shared_storage(state)  # torch.jit.load keeps storages shared
-    found, unregistered = [], {}
+    layers = {}
     for name, sub in archive.module.named_modules():
         kind = torch_layer_kind(sub) if name else None
         weight = getattr(sub, "weight", None) if kind else None
-        if not isinstance(weight, torch.Tensor) or weight.dim() != _NDIM[kind]:
-            continue  # not a layer this pass understands (only an edited archive gets here)
-        bias = getattr(sub, "bias", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == _NDIM[kind]:
+            layers[name] = (sub, kind, weight)  # else not a layer this pass understands (an edited archive)
+    unsafe = analyse(archive.module, list(layers))
+    for name in layers:
         if f"{name}.weight" not in state:
-            unregistered[name] = "weight is not a parameter or buffer of the layer (edited class code?)"
-        info = TensorInfo(f"{name}.weight", tuple(weight.shape), dtype_name(weight.dtype))
-        bias_info = TensorInfo(f"{name}.bias", tuple(bias.shape), dtype_name(bias.dtype)) \
-            if isinstance(bias, torch.Tensor) else None
-        geometry = Geometry.from_weight_shape(LayerKind(kind.lower()), info.shape, bias_info is not None)
-        groups = int(getattr(sub, "groups", 1)) if kind != "Linear" else 1
-        found.append((name, Candidate(name=name, weight=info, bias=bias_info, geometry=geometry,
-                                      from_structure=True, groups=groups, tied_with=tied.get(info.key))))
-    unsafe = {**analyse(archive.module, [name for name, _ in found]), **unregistered}
-    from dataclasses import replace
-    return [replace(c, unsafe=unsafe[name]) for name, c in found]
+            unsafe[name] = "weight is not a parameter or buffer of the layer (edited class code?)"
+    return [layer_candidate(name, weight, getattr(sub, "bias", None), LayerKind(kind.lower()),
+                            groups=int(getattr(sub, "groups", 1)) if kind != "Linear" else 1,
+                            tied_with=tied.get(f"{name}.weight"), unsafe=unsafe[name])
+            for name, (sub, kind, weight) in layers.items()]
 
 
 def write_rewritten(archive: Archive, plan, factorize, results: dict, progress, output, *, before_commit) -> list[str]:
     """Rewrite every planned layer, save atomically, and check the archive loads before committing it."""
-    from factorize_cli.atomic import atomic_path
-
-    for layer in plan.to_factorize:
-        outcome, results[layer.name] = factorize(layer)
-        try:
-            rewrite_layer(archive.module, layer.name, outcome.factors.first, outcome.factors.second)
-        except RuntimeError as e:
-            raise InputError(f"{layer.name}: the graph could not be rewritten ({torch_message(e)})") from e
-        progress.advance(layer.name)
-    with atomic_path(output) as tmp:
-        try:
-            torch.jit.save(archive.module, str(tmp), _extra_files=archive.extra_files)
-        except Exception as e:  # torch raises many kinds; a source range torch cannot print among them
-            raise InputError(f"{output}: the rewritten archive does not save ({torch_message(e)}); "
-                             "nothing was written") from e
-        try:
-            torch.jit.load(str(tmp), map_location="cpu")  # a graph that saves can still fail to load
-        except Exception as e:
-            raise InputError(f"{output}: the rewritten archive does not load ({torch_message(e)}); "
-                             "nothing was written") from e
-        before_commit(tmp)
-    return [str(output)]
+    steps = GraphSteps("archive", rewrite=FactorPairs(archive.module).rewrite,
+                       save=lambda tmp: torch.jit.save(archive.module, str(tmp), _extra_files=archive.extra_files),
+                       load=lambda tmp: torch.jit.load(str(tmp), map_location="cpu"), message=torch_message)
+    return write_graph(steps, plan, factorize, results, progress, output, before_commit=before_commit)
