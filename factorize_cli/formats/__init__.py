@@ -1,8 +1,10 @@
 """Formats at the edges: bytes on disk <-> one :class:`Checkpoint` view.
 
-Input formats are recognised by content, not by name; the output format follows the
+Input formats are recognised by content, not by name. A state dict's output format follows the
 output path (``.safetensors``, a ``torch.save`` file that keeps the input's container, or a
-directory of shards: the input's shard format and names when it was sharded, else safetensors).
+directory of shards: the input's shard format and names when it was sharded, else safetensors);
+a TorchScript archive or a ``.pt2`` program is written back in its own format. Each opened
+checkpoint carries its format's ``handler`` (:class:`factorize_cli.formats.base.Format`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class OutputKind(str, Enum):
 
 
 def sniff(path: Path) -> str:
-    """Which reader a file needs: 'torch-zip', 'torch-legacy', 'safetensors'."""
+    """Which reader a file needs: 'torch-zip', 'torch-legacy', 'safetensors', 'torchscript' or 'torch-export'."""
     size = path.stat().st_size
     if size == 0:
         raise InputError(f"{path}: file is empty")

@@ -1,15 +1,6 @@
-"""Graph rewrites for formats that carry code, not just tensors (TorchScript)."""
+"""Formats that carry code, not just tensors: TorchScript archives and torch.export ``.pt2`` programs.
 
-
-def _torchscript():
-    from factorize_cli.graphs import torchscript
-    return torchscript
-
-
-def _exported():
-    from factorize_cli.graphs import export
-    return export
-
-
-# Formats that carry code: candidates come from their graphs, and apply rewrites the graph.
-GRAPH_FORMATS = {"torchscript": _torchscript, "torch-export": _exported}
+``format.py`` puts both behind the one format interface; ``torchscript.py`` and ``export.py`` are their
+graph rewrites (``candidate.py`` and ``write.py`` what the two share), ``calibrate.py`` their
+activation taps and ``verify.py`` the side-by-side run of ``--verify``.
+"""
