@@ -68,17 +68,23 @@ def test_force_onto_a_folder_that_is_not_our_output(cli, ckpts, tmp_path):
             match="replaces only a folder that factorize wrote")
 
 
-def test_force_onto_our_folder_with_a_user_file_added(cli, ckpts, tmp_path):
+@pytest.fixture
+def our_folder(cli, ckpts, tmp_path) -> Path:
+    """A sharded output folder that factorize wrote."""
     out = tmp_path / "out"
     assert cli("apply", ckpts / "a.safetensors", out, *SMALL).code == 0
+    return out
+
+
+def test_force_onto_our_folder_with_a_user_file_added(cli, ckpts, tmp_path, our_folder):
+    out = our_folder
     (out / "added.txt").write_text("keep me\n")
     refused(cli, tmp_path, "apply", ckpts / "b.safetensors", out, "--force", *SMALL,
             match="'added.txt', which factorize did not write")
 
 
-def test_force_replaces_our_own_earlier_folder(cli, ckpts, tmp_path):
-    out = tmp_path / "out"
-    assert cli("apply", ckpts / "a.safetensors", out, *SMALL).code == 0
+def test_force_replaces_our_own_earlier_folder(cli, ckpts, tmp_path, our_folder):
+    out = our_folder
     first = snapshot(out)
     assert json.loads((out / MARKER).read_text())["files"] == sorted(p for p in first if p != MARKER)
     r = cli("apply", ckpts / "b.safetensors", out, "--force", "--latent-features", "0.5", *SMALL)
@@ -87,9 +93,8 @@ def test_force_replaces_our_own_earlier_folder(cli, ckpts, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temporaries left
 
 
-def test_folder_written_before_the_marker_is_still_recognised(cli, ckpts, tmp_path):
-    out = tmp_path / "out"
-    assert cli("apply", ckpts / "a.safetensors", out, *SMALL).code == 0
+def test_folder_written_before_the_marker_is_still_recognised(cli, ckpts, our_folder):
+    out = our_folder
     (out / MARKER).unlink()  # an output of an earlier version: its index carries our rank map
     assert not_an_earlier_output(out) is None
     assert cli("apply", ckpts / "b.safetensors", out, "--force", *SMALL).code == 0
