@@ -3,7 +3,7 @@
 The public Python API is imported lazily so that ``factorize --help`` never
 imports torch::
 
-    from factorize_cli import FactorizeConfig, factorize_state_dict
+    from factorize_cli import FactorizeConfig, factorize_, factorize_state_dict
     from factorize_cli import FactorizedLinear, FactorizedConv2d, convert_to_factorized
 """
 
@@ -23,6 +23,7 @@ _LAZY = {
     "FactorizedConv2d": "factorize_cli.modules",
     "convert_to_factorized": "factorize_cli.modules",
     "read_rank_map": "factorize_cli.modules",
+    "factorize_": "factorize_cli.api",
     "factorize_state_dict": "factorize_cli.pipeline",
     "plan_checkpoint": "factorize_cli.pipeline",
     "apply_checkpoint": "factorize_cli.pipeline",

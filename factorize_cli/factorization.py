@@ -281,6 +281,14 @@ def whitened_singular_values(weight: torch.Tensor, geometry: Geometry, root: tor
     return singular_values(m, output_space(geometry), engine=engine, device=device)
 
 
+def balance(second: torch.Tensor, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(second, first)`` rescaled per rank so that each column of ``second`` and row of ``first`` have
+    equal norms (their product unchanged): a map back from a whitened space unbalances them."""
+    scale = (first.norm(dim=1) / second.norm(dim=0).clamp_min(1e-300)).sqrt()
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+    return second * scale[None, :], first / scale[:, None]
+
+
 @dataclass(frozen=True)
 class WhitenedOutcome:
     outcome: Outcome  # factors in the weight space; their stats describe the output space
@@ -296,10 +304,7 @@ def factorize_whitened(weight: torch.Tensor, geometry: Geometry, rank: int, root
     m = w @ root
     inner = factorize_checked(m, output_space(geometry), rank, engine=engine, seed=seed, device=device, measure=False)
     second = inner.factors.second.reshape(geometry.out_features, rank)
-    first = inner.factors.first.reshape(rank, geometry.fan_in) @ root_inverse
-    scale = (first.norm(dim=1) / second.norm(dim=0).clamp_min(1e-300)).sqrt()  # re-balance the pair
-    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
-    second, first = second * scale[None, :], first / scale[:, None]
+    second, first = balance(second, inner.factors.first.reshape(rank, geometry.fan_in) @ root_inverse)
     first_shape, second_shape = geometry.factor_shapes(rank)
     first = first.reshape(first_shape).to(weight.dtype).contiguous()
     second = second.reshape(second_shape).to(weight.dtype).contiguous()

@@ -106,14 +106,20 @@ def _load_factors(new: nn.Module, old: nn.Module, geometry: Geometry) -> None:
     from factorize_cli.factorization import low_rank_factors
 
     factors = low_rank_factors(old.weight.detach().cpu(), geometry, new.rank)
+    set_factors(new, factors.first, factors.second, old.bias)
+
+
+def set_factors(pair: nn.Module, first: torch.Tensor, second: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Copy factors (``module0``'s weight, then ``module1``'s) and the original bias (zeros when the
+    original had none) into a factorized pair, converting to the pair's dtype and device."""
     with torch.no_grad():
-        new.module0.weight.copy_(factors.first)
-        new.module1.weight.copy_(factors.second)
-        if new.module1.bias is not None:
-            if old.bias is not None:
-                new.module1.bias.copy_(old.bias)
+        pair.module0.weight.copy_(first)
+        pair.module1.weight.copy_(second)
+        if pair.module1.bias is not None:
+            if bias is not None:
+                pair.module1.bias.copy_(bias)
             else:
-                new.module1.bias.zero_()
+                pair.module1.bias.zero_()
 
 
 def convert_to_factorized(model: nn.Module, ranks: Mapping[str, int], *, from_weights: bool = False) -> nn.Module:
