@@ -3,14 +3,11 @@ torch.export.load in a fresh process and computes the rank-r model."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
+from tests.conftest import run_isolated
 from tests.test_modules import reference_model
 from tests.test_torchscript import CNN, MLP, Twins, flat
 
@@ -42,7 +39,7 @@ with torch.no_grad():
     y = program.module()(*args)
 params = (sum(t.numel() for t in torch.export.load(original).state_dict.values()),
           sum(t.numel() for t in program.state_dict.values()))
-torch.save({"y": y, "params": params, "clean": "factorize_cli" not in sys.modules}, out)
+torch.save({"y": y, "params": params, "clean": not _BLOCKED}, out)
 """
 
 
@@ -69,8 +66,7 @@ def test_rewritten_program_runs_the_rank_r_model(cli, tmp_path, case):
     with torch.no_grad():
         expected = reference_model(model, ranks)(*args)
     torch.save(args, tmp_path / "inputs.pt")
-    run = subprocess.run([sys.executable, "-c", RUNNER, str(original), str(result), str(tmp_path / "inputs.pt"),
-                          str(tmp_path / "out.pt")], capture_output=True, text=True)
+    run = run_isolated(RUNNER, original, result, tmp_path / "inputs.pt", tmp_path / "out.pt")
     assert run.returncode == 0, run.stderr
     got = torch.load(tmp_path / "out.pt", weights_only=False)
     assert got["clean"] and got["params"][1] < got["params"][0]
