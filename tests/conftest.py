@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,30 @@ def cli(capsys):
         return CliResult(code, out, err)
 
     return run
+
+
+# A fresh interpreter that cannot reach factorize_cli: isolated (-I: no PYTHONPATH, no cwd, no user site)
+# and with a finder first on sys.meta_path that refuses the package, which site-packages still holds
+# (the editable install). A result that needs our package then fails to load; ``_BLOCKED`` lists what
+# was asked for, in case a loader swallowed the ImportError.
+BLOCKER = """
+import sys
+_BLOCKED = []
+class _Blocker:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.partition(".")[0] == "factorize_cli":
+            _BLOCKED.append(name)
+            raise ImportError(f"{name} is blocked: the result must load without factorize")
+        return None
+sys.meta_path.insert(0, _Blocker)
+"""
+
+
+def run_isolated(script: str, *args: object, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``script`` (which may read ``_BLOCKED``) in a fresh isolated interpreter that cannot import factorize_cli."""
+    return subprocess.run([sys.executable, "-I", "-c", BLOCKER + script, *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def decaying_matrix(out: int, fan_in: int, alpha: float = 0.7, seed: int = 0,

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from tests.conftest import fetch_wheel_folder
+from tests.conftest import fetch_wheel_folder, run_isolated
 from tests.test_modules import reference_model, truncated
 
 
@@ -89,16 +87,26 @@ with torch.no_grad():
     y = m(*args)
 extra = m.logits(args[0]) if hasattr(m, "logits") else None
 params = (sum(p.numel() for p in torch.jit.load(original).parameters()), sum(p.numel() for p in m.parameters()))
-torch.save({"y": y, "extra": extra, "params": params, "clean": "factorize_cli" not in sys.modules}, out)
+torch.save({"y": y, "extra": extra, "params": params, "clean": not _BLOCKED}, out)
 """
 
 
 def run_fresh(tmp: Path, original: Path, result: Path, args) -> dict:
     torch.save(args, tmp / "inputs.pt")
-    r = subprocess.run([sys.executable, "-c", RUNNER, str(original), str(result), str(tmp / "inputs.pt"),
-                        str(tmp / "out.pt")], capture_output=True, text=True)
+    r = run_isolated(RUNNER, original, result, tmp / "inputs.pt", tmp / "out.pt")
     assert r.returncode == 0, r.stderr
-    return torch.load(tmp / "out.pt", weights_only=False)
+    got = torch.load(tmp / "out.pt", weights_only=False)
+    assert got["clean"], "loading the result must not need factorize_cli"
+    return got
+
+
+def test_the_fresh_process_cannot_import_factorize():
+    """What makes the fresh-process checks able to fail: the child refuses our package, however installed."""
+    r = run_isolated("import factorize_cli")
+    assert r.returncode == 1 and "ImportError: factorize_cli is blocked" in r.stderr
+    r = run_isolated("import json\ntry:\n    import factorize_cli.cli\nexcept ImportError:\n    pass\n"
+                     "print(json.dumps(_BLOCKED))")
+    assert r.returncode == 0 and json.loads(r.stdout) == ["factorize_cli"], r.stderr  # a swallowed refusal shows
 
 
 def flat(y):
@@ -131,7 +139,6 @@ def test_rewritten_archive_runs_the_rank_r_model(cli, tmp_path, case, mode):
     with torch.no_grad():
         expected = reference(*args)
     got = run_fresh(tmp_path, original, result, args)
-    assert got["clean"], "loading the result must not need factorize_cli"
     assert float((flat(got["y"]) - flat(expected)).norm() / flat(expected).norm()) < 1e-5
     assert got["params"][1] < got["params"][0]
     if case == "twins" and mode == "script":
@@ -254,7 +261,7 @@ print(json.dumps({"params": [sum(p.numel() for p in torch.jit.load(original).par
                   "vs_reference": float((p_small - p_ref).abs().max()),
                   "vs_original_mean": float((p_small - p_orig).abs().mean()),
                   "vs_original_max": float((p_small - p_orig).abs().max()),
-                  "clean": "factorize_cli" not in sys.modules}))
+                  "clean": not _BLOCKED}))
 """
 
 
@@ -271,8 +278,7 @@ def test_silero_vad_streaming(cli, silero, tmp_path):
     assert r.code == 0, r.stderr
     done = [e for e in r.json["layers"] if e["action"] == "factorize"]
     assert len(done) == 8 and {e["kind"] for e in done} == {"conv1d"}
-    run = subprocess.run([sys.executable, "-c", SILERO_RUNNER, str(silero), str(result),
-                          str(tmp_path / "silero_small.factorize.json")], capture_output=True, text=True)
+    run = run_isolated(SILERO_RUNNER, silero, result, tmp_path / "silero_small.factorize.json")
     assert run.returncode == 0, run.stderr
     figures = json.loads(run.stdout)
     print(f"\nsilero-vad: {figures}")

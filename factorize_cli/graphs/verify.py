@@ -1,12 +1,15 @@
 """``--verify``: run the original and the rewritten model on the same inputs, in a fresh process.
 
-The child process imports torch only (never this package), so the check also proves that the
-output loads without factorize. Inputs come from specs like ``randn:1,3,224,224`` (one per
-positional input; ``randn``, ``rand``, ``zeros``, ``ones``, optional ``:dtype``), seeded.
+The child process is isolated (``python -I``: no PYTHONPATH, no working directory, no user site)
+and refuses this package with a finder placed first on ``sys.meta_path``, so the check also proves
+that the output loads without factorize: a result that needs it fails to load. Inputs come from
+specs like ``randn:1,3,224,224`` (one per positional input; ``randn``, ``rand``, ``zeros``,
+``ones``, optional ``:dtype``), seeded.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -19,9 +22,21 @@ from factorize_cli.errors import InputError, UsageError
 _SPEC = re.compile(r"^(randn|rand|zeros|ones):(\d+(?:,\d+)*)(?::(float32|float64|float16|bfloat16))?$")
 
 RUNNER = r"""
-import json, sys, torch
-fmt, original, result = sys.argv[1:4]
-specs = json.loads(sys.argv[4])
+import sys
+blocked = []
+class Blocker:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.partition(".")[0] == "factorize_cli":
+            blocked.append(name)
+            raise ImportError(f"{name} is blocked: the result must load without factorize")
+        return None
+sys.meta_path.insert(0, Blocker)
+fmt, original, result, specs, torch_root = sys.argv[1:6]
+if torch_root and torch_root not in sys.path:  # torch found through PYTHONPATH, which -I ignores
+    sys.path.append(torch_root)
+import json, torch
+specs = json.loads(specs)
 def load(path):
     if fmt == "torchscript":
         m = torch.jit.load(path, map_location="cpu")
@@ -59,7 +74,7 @@ diff = (a - b).abs()
 scale = float(a.abs().max()) or 1.0
 print(json.dumps({"max_abs_diff": float(diff.max()) if diff.numel() else 0.0,
                   "max_rel_diff": (float(diff.max()) / scale) if diff.numel() else 0.0,
-                  "clean": "factorize_cli" not in sys.modules}))
+                  "clean": not blocked and "factorize_cli" not in sys.modules}))
 """
 
 
@@ -85,8 +100,10 @@ class VerifySpec:
 def verify(fmt: str, original: Path, result: Path, specs: list[VerifySpec], tolerance: float) -> dict:
     """Run both models in a fresh interpreter; the report's ``verify`` section."""
     args = json.dumps([[s.kind, list(s.shape), s.dtype] for s in specs])
+    found = importlib.util.find_spec("torch")
+    torch_root = str(Path(found.origin).parents[1]) if found and found.origin else ""
     try:
-        run = subprocess.run([sys.executable, "-c", RUNNER, fmt, str(original), str(result), args],
+        run = subprocess.run([sys.executable, "-I", "-c", RUNNER, fmt, str(original), str(result), args, torch_root],
                              capture_output=True, text=True, timeout=VERIFY_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise InputError(f"--verify: running the models took longer than {VERIFY_TIMEOUT_S} s; "
