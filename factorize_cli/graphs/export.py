@@ -79,8 +79,12 @@ def rewrite(ep: ExportedProgram, factors: dict[str, tuple[torch.Tensor, torch.Te
         call_graph = copy.deepcopy(ep.module_call_graph)
     graph = gm.graph
     state = dict(ep.state_dict)
-    specs = list(ep.graph_signature.input_specs)
-    nodes = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    # the copy renames a placeholder named after a builtin (nn.Sequential's `input` -> `input_1`):
+    # placeholders and input specs correspond by position, so take the names from the copy
+    specs = [replace(s, arg=replace(s.arg, name=p.name)) if getattr(s.arg, "name", p.name) != p.name else s
+             for s, p in zip(ep.graph_signature.input_specs, placeholders, strict=True)]
+    nodes = {n.name: n for n in placeholders}
     fake_mode = next(n.meta["val"].fake_mode for n in nodes.values() if hasattr(n.meta.get("val"), "fake_mode"))
     renamed: dict[str, str] = {}
     for layer, (first, second) in factors.items():
