@@ -149,8 +149,8 @@ def _read_directly(fmt: str, path: Path) -> dict[str, torch.Tensor] | None:
             if fmt in ("torch-zip", "torch-legacy"):
                 return torch.load(path, map_location="cpu", weights_only=True)
             if fmt == "torchscript":
-                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-            return dict(torch.export.load(str(path)).state_dict)
+                return {k: t.detach() for k, t in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
+            return {k: t.detach() for k, t in torch.export.load(str(path)).state_dict.items()}
     except Exception:
         return None
     finally:
