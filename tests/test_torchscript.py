@@ -282,8 +282,12 @@ def test_silero_vad_streaming(cli, silero, tmp_path):
     assert run.returncode == 0, run.stderr
     figures = json.loads(run.stdout)
     print(f"\nsilero-vad: {figures}")
-    assert figures["clean"] and figures["params"][1] < figures["params"][0]
-    assert figures["vs_reference"] < 1e-4  # the rewrite computes exactly the rank-r model
+    assert figures["clean"]
+    # the README's figures: 462,594 -> 374,050 parameters; the rank-r model to 2e-7 (float32 rounding,
+    # hence the margin); plain SVD moves the speech probabilities by 0.50 on average
+    assert figures["params"] == [462_594, 374_050]
+    assert figures["vs_reference"] < 1e-6  # the rewrite computes exactly the rank-r model
+    assert figures["vs_original_mean"] == pytest.approx(0.50, abs=0.02)
 
 
 def test_verify_runs_both_models_in_a_fresh_process(cli, tmp_path):
