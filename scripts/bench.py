@@ -323,7 +323,8 @@ def calibrated_markdown(rows: list[dict], sizes: dict[str, str], command: str) -
              "gate/up share theirs). *Before*: the code before lazy statistics (every layer's float64 `xtx`",
              "loaded at once, one whitening per layer, planned spectra by float64 SVD). Statistics files: "
              + "; ".join(f"{k}: {v}" for k, v in sizes.items()) + ".", "",
-             "Times are wall (CPU) seconds: the machine is shared, and CPU time varies less with its load.", "",
+             "Times are wall (CPU) seconds on a shared machine: identical runs can differ by 2x (the plain rows run",
+             "the same code before and after), so compare peak RSS, and times only within large factors.", "",
              "| checkpoint | run | before | after | before peak RSS | after peak RSS | identical output |",
              "|---|---|---|---|---|---|---|"]
 
@@ -364,8 +365,11 @@ def calibrated_main(args: argparse.Namespace, extra: list[str]) -> None:
         ["slice", "whole"] if args.calibrated == "all" else [args.calibrated]
     store = BUILD / "calibrated-rows.json"
     saved = json.loads(store.read_text()) if store.exists() else {"rows": [], "sizes": {}, "commands": {}}
+    if args.before:
+        commit = subprocess.run(["git", "-C", str(args.before), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
     command = f"python scripts/bench.py --calibrated {' '.join(which) if len(which) == 1 else ''}".rstrip() + \
-        (" --before DIR" if args.before else "") + \
+        (f" --before <checkout of {commit or args.before}>" if args.before else "") + \
         (f" --before-limit {args.before_limit}" if args.before_limit and "whole" in which else "") + \
         (f" --extra '{args.extra}'" if extra else "")
     for key in which:
