@@ -2,6 +2,13 @@
 
     python scripts/bench.py                 # everything: BERT-base-like, 1.1B LLaMA-like slice and whole
     python scripts/bench.py --quick         # BERT-base-like and the slice only
+    python scripts/bench.py --calibrated slice [--before DIR]   # only the calibrated runs, on the slice
+
+``--calibrated`` runs `apply --calibration` with synthetic statistics (identical for q/k/v and for
+gate/up, which read the same input; ``xtx = A^T A`` of random anisotropic rows) beside the plain run,
+and rewrites only the calibrated section of docs/benchmarks.md. ``--before DIR`` also runs the same
+commands from another checkout (e.g. ``git worktree add /tmp/orig <commit>``), with a format /1 copy
+of the statistics, for a before/after comparison.
 
 Checkpoints (built once under build/bench/, decaying spectra sigma_i ~ i^-alpha):
 - bert-base: 12 layers, hidden 768, MLP 3072, float32 (~110 M params);
@@ -29,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from factorize_cli.calibration import ActivationStats, StatsFile, save_activation_stats  # noqa: E402
 from factorize_cli.formats import open_checkpoint  # noqa: E402
 from factorize_cli.formats.safetensors import OutputTensor, write_safetensors  # noqa: E402
 
@@ -105,15 +113,20 @@ def build(path: Path, spec, dtype: torch.dtype) -> Path:
     return path
 
 
-def run(cmd: list[str], log: Path) -> tuple[float, int]:
-    """Wall time and peak RSS (bytes) of a command in a fresh process, launched by scripts/measure.py."""
+def run(cmd: list[str], log: Path, code: Path = ROOT, limit: int | None = None) -> tuple[float, int, bool]:
+    """Wall time, peak RSS (bytes) and whether ``limit`` (seconds) stopped it, of a command in a fresh
+    process launched by scripts/measure.py; ``code``: the checkout whose factorize_cli runs. The CPU
+    time is in the log's last line."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
     with open(log, "w") as out:
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "measure.py"), "--", *cmd], stdout=out,
-                       stderr=subprocess.STDOUT, cwd=ROOT, check=False)
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "measure.py"), "--",
+                        *(["timeout", str(limit)] if limit else []), *cmd], stdout=out,
+                       stderr=subprocess.STDOUT, cwd=code, env=env, check=False)
     result = json.loads(log.read_text().strip().splitlines()[-1])
-    if result["exit_code"] != 0:
+    stopped = bool(limit) and result["exit_code"] == 124
+    if result["exit_code"] != 0 and not stopped:
         raise SystemExit(f"{' '.join(cmd)} failed ({result['exit_code']}); see {log}")
-    return result["seconds"], result["max_rss"]
+    return result["seconds"], result["max_rss"], stopped
 
 
 def optimum_errors(path: Path, report: dict) -> dict[str, float]:
@@ -154,10 +167,10 @@ def compare(label: str, source: Path, extra: list[str], rows: list[dict], *, bas
     cmd = [*FACTORIZE, "apply", str(source), str(out), "--force", "--report", str(report_path), "-q", *extra]
     row: dict = {"checkpoint": label, "size_gb": source.stat().st_size / 1e9}
     if baseline:
-        row["baseline_s"], row["baseline_rss"] = run(
+        row["baseline_s"], row["baseline_rss"], _ = run(
             [sys.executable, "scripts/naive_baseline.py", str(source), str(work / f"{label}.naive.safetensors")],
             work / f"{label}.naive.log")
-    row["tool_s"], row["tool_rss"] = run(cmd, work / f"{label}.log")
+    row["tool_s"], row["tool_rss"], _ = run(cmd, work / f"{label}.log")
     report = json.loads(report_path.read_text())
     row["layers"] = report["totals"]["factorized"]
     row["engines"] = sorted({e["engine"] for e in report["layers"] if e["engine"]})
@@ -177,7 +190,7 @@ def compare(label: str, source: Path, extra: list[str], rows: list[dict], *, bas
 
 
 def plan_time(source: Path, label: str, rows: list[dict]) -> None:
-    seconds, rss = run([sys.executable, "-m", "factorize_cli", "plan", str(source), "-q", "--json"],
+    seconds, rss, _ = run([sys.executable, "-m", "factorize_cli", "plan", str(source), "-q", "--json"],
                        BUILD / "runs" / f"{label}.plan.log")
     rows.append({"checkpoint": f"{label} (plan, headers only)", "size_gb": source.stat().st_size / 1e9,
                  "tool_s": seconds, "tool_rss": rss})
@@ -218,13 +231,182 @@ def markdown(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+LLAMA_INPUTS = (("self_attn", 2048, ("q_proj", "k_proj", "v_proj")), ("o", 2048, ("o_proj",)),
+                ("mlp", 2048, ("gate_proj", "up_proj")), ("down", 5632, ("down_proj",)))
+
+
+def build_stats(path: Path, layers: int, rows: int = 6144) -> Path:
+    """Synthetic statistics of the LLaMA-like decoder layers: one random anisotropic input per distinct
+    input (q/k/v share one, gate/up another), ``xtx = A^T A`` of ``rows`` rows, written by the tool."""
+    if path.exists():
+        return path
+    gen = torch.Generator().manual_seed(1)
+    stats = {}
+    for i in range(layers):
+        for source, width, readers in LLAMA_INPUTS:
+            scale = torch.logspace(0, -2, width, dtype=torch.float64)[torch.randperm(width, generator=gen)]
+            a = torch.randn(rows, width, generator=gen, dtype=torch.float64) * scale
+            xtx, total = a.T @ a, a.sum(0)
+            part = "self_attn" if source in ("self_attn", "o") else "mlp"
+            for reader in readers:  # one object per layer, as the forward hooks make them (tensors shared)
+                stats[f"model.layers.{i}.{part}.{reader}"] = ActivationStats(xtx, total, rows)
+    tmp = path.with_suffix(".tmp")
+    save_activation_stats(stats, tmp, {"data": "synthetic"})
+    tmp.rename(path)
+    return path
+
+
+def legacy_stats(path: Path) -> Path:
+    """A format /1 copy (every layer its own tensors), for code from before aliases."""
+    out = path.with_name(path.stem + ".v1.safetensors")
+    if out.exists():
+        return out
+    with StatsFile(path) as stats:
+        names = sorted(stats)
+        layout = [OutputTensor(f"{n}.{part}", shape, dtype) for n in names for part, shape, dtype in (
+            ("xtx", (stats.fan_in(n),) * 2, "float64"), ("sum", (stats.fan_in(n),), "float64"), ("count", (), "int64"))]
+
+        def tensors():
+            for n in names:
+                s = stats.read(n)
+                yield from (s.xtx, s.total, torch.tensor(s.count, dtype=torch.int64))
+
+        tmp = out.with_suffix(".tmp")
+        write_safetensors(tmp, layout, tensors(), {"format": "factorize-activation-stats/1",
+                                                   "layers": json.dumps(names)})
+    tmp.rename(out)
+    return out
+
+
+CALIBRATED_RUNS = (("plain", []), ("calibrated, ratio 0.25", ["--calibration"]),
+                   ("calibrated, --rank-policy params:0.8", ["--calibration", "--rank-policy", "params:0.8"]))
+
+
+def calibrated(label: str, source: Path, stats: Path, extra: list[str], before: Path | None, *,
+               runs=CALIBRATED_RUNS, before_limit: int | None = None) -> list[dict]:
+    """Plain and calibrated applies of one checkpoint, after (this checkout) and before (``before``,
+    stopped after ``before_limit`` seconds if given: its peak RSS is then a lower bound)."""
+    work = BUILD / "runs"
+    work.mkdir(parents=True, exist_ok=True)
+    old_stats = legacy_stats(stats) if before else None
+    rows = []
+    for name, flags in runs:
+        row = {"checkpoint": label, "run": name}
+        for when, code, stats_file in (("after", ROOT, stats), ("before", before, old_stats)):
+            if code is None:
+                continue
+            tag = f"{label}.{when}.{len(rows)}".replace(" ", "_").replace(",", "")
+            out, report = work / f"{tag}.safetensors", work / f"{tag}.report.json"
+            args = [a if a != "--calibration" else f"--calibration={stats_file}" for a in flags]
+            cmd = [*FACTORIZE, "apply", str(source), str(out), "--force", "--report", str(report), "-q", *args, *extra]
+            limit = before_limit if when == "before" and flags else None
+            row[f"{when}_s"], row[f"{when}_rss"], row[f"{when}_stopped"] = run(cmd, work / f"{tag}.log", code, limit)
+            row[f"{when}_cpu"] = json.loads((work / f"{tag}.log").read_text().strip().splitlines()[-1])["cpu_seconds"]
+            row[f"{when}_sha"] = None if row[f"{when}_stopped"] else sha256(out)
+            out.unlink(missing_ok=True)
+        row["identical"] = row["after_sha"] == row["before_sha"] if before and row["before_sha"] else None
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+CALIBRATED_HEADING = "## Calibrated runs (`--calibration`)"
+
+
+def calibrated_markdown(rows: list[dict], sizes: dict[str, str], command: str) -> str:
+    def gb(x):
+        return f"{x / 2**30:.2f} GiB" if x else ""
+
+    lines = [CALIBRATED_HEADING, "",
+             f"Produced by `{command}`, {time.strftime('%Y-%m-%d')}.",
+             "Synthetic statistics (`xtx = A^T A`, 6144 random anisotropic rows per distinct input; q/k/v and",
+             "gate/up share theirs). *Before*: the code before lazy statistics (every layer's float64 `xtx`",
+             "loaded at once, one whitening per layer, planned spectra by float64 SVD). Statistics files: "
+             + "; ".join(f"{k}: {v}" for k, v in sizes.items()) + ".", "",
+             "Times are wall (CPU) seconds on a shared machine: identical runs can differ by 2x (the plain rows run",
+             "the same code before and after), so compare peak RSS, and times only within large factors.", "",
+             "| checkpoint | run | before | after | before peak RSS | after peak RSS | identical output |",
+             "|---|---|---|---|---|---|---|"]
+
+    def seconds(r, when):
+        if f"{when}_s" not in r:
+            return ""
+        cpu = f" ({r[f'{when}_cpu']:.0f} s CPU)" if f"{when}_cpu" in r else ""
+        return (f"stopped at {r[f'{when}_s']:.0f} s" if r.get(f"{when}_stopped") else f"{r[f'{when}_s']:.1f} s") + cpu
+
+    for r in rows:
+        same = {True: "yes", False: "no"}.get(r.get("identical"), "")
+        lines.append(f"| {r['checkpoint']} | {r['run']} | {seconds(r, 'before')} | {seconds(r, 'after')} | "
+                     f"{'>= ' if r.get('before_stopped') else ''}{gb(r.get('before_rss'))} | {gb(r['after_rss'])} | "
+                     f"{same} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, main: str | None, section: str | None) -> None:
+    """Replace the main table or the calibrated section of the benchmarks page, keeping the other."""
+    text = path.read_text() if path.exists() else ""
+    head, _, tail = text.partition(CALIBRATED_HEADING)
+    old_section = CALIBRATED_HEADING + tail if tail else ""
+    parts = [main if main is not None else head.rstrip("\n") + "\n", section if section is not None else old_section]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(p for p in parts if p))
+
+
+CALIBRATED_CHECKPOINTS = {  # label, layers, runs (the whole model: ~45 min a calibrated run on two cores)
+    "slice": ("llama-1.1b slice, 2 layers (bf16)", 2, CALIBRATED_RUNS),
+    "whole": ("llama-1.1b whole (bf16)", 22, CALIBRATED_RUNS[:2]),
+}
+
+
+def calibrated_main(args: argparse.Namespace, extra: list[str]) -> None:
+    """Run the calibrated comparisons asked for; rows of earlier invocations (kept in build/bench/) are
+    merged, so the slice and the whole model can be measured separately."""
+    which = ["slice"] if args.calibrated == "all" and args.quick else \
+        ["slice", "whole"] if args.calibrated == "all" else [args.calibrated]
+    store = BUILD / "calibrated-rows.json"
+    saved = json.loads(store.read_text()) if store.exists() else {"rows": [], "sizes": {}, "commands": {}}
+    if args.before:
+        commit = subprocess.run(["git", "-C", str(args.before), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+    command = f"python scripts/bench.py --calibrated {' '.join(which) if len(which) == 1 else ''}".rstrip() + \
+        (f" --before <checkout of {commit or args.before}>" if args.before else "") + \
+        (f" --before-limit {args.before_limit}" if args.before_limit and "whole" in which else "") + \
+        (f" --extra '{args.extra}'" if extra else "")
+    for key in which:
+        label, layers, runs = CALIBRATED_CHECKPOINTS[key]
+        stem = "llama-slice" if key == "slice" else "llama-1.1b"
+        source = build(BUILD / f"{stem}.safetensors", llama_spec(layers, with_embeddings=key == "whole"),
+                       torch.bfloat16)
+        stats = build_stats(BUILD / f"{stem}.stats.safetensors", layers)
+        saved["sizes"][stem] = f"{stats.stat().st_size / 1e9:.2f} GB" + (
+            f" (/1: {legacy_stats(stats).stat().st_size / 1e9:.2f} GB)" if args.before else "")
+        rows = calibrated(label, source, stats, extra, args.before.resolve() if args.before else None,
+                          runs=runs, before_limit=args.before_limit if key == "whole" else None)
+        saved["rows"] = [r for r in saved["rows"] if r["checkpoint"] != label] + rows
+        saved["commands"][label] = command
+        store.write_text(json.dumps(saved, indent=1))
+    order = [c[0] for c in CALIBRATED_CHECKPOINTS.values()]
+    saved["rows"].sort(key=lambda r: order.index(r["checkpoint"]))
+    commands = "; ".join(sorted(set(saved["commands"].values())))
+    write_section(Path(args.out), None, calibrated_markdown(saved["rows"], saved["sizes"], commands))
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="skip the whole 1.1B checkpoint")
     ap.add_argument("--extra", default="", help="extra flags for factorize apply, e.g. '--device cuda'")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--calibrated", nargs="?", const="all", choices=["all", "slice", "whole"],
+                    help="only the calibrated runs: of the slice, the whole model, or both (all; --quick: the slice)")
+    ap.add_argument("--before", type=Path, help="with --calibrated: also run a checkout of older code, for comparison")
+    ap.add_argument("--before-limit", type=int, help="stop the older code's calibrated runs of the whole model after "
+                    "this many seconds (its peak RSS, reached while loading the statistics, is then a lower bound)")
     args = ap.parse_args()
     extra = args.extra.split()
+    if args.calibrated:
+        calibrated_main(args, extra)
+        return
     rows: list[dict] = []
     bert = build(BUILD / "bert-base.safetensors", bert_spec(), torch.float32)
     compare("bert-base (fp32)", bert, extra, rows, baseline=True, errors=True)
@@ -235,8 +417,7 @@ def main() -> None:
         compare("llama-1.1b whole (bf16)", whole, extra, rows, baseline=False, errors=False)
         plan_time(whole, "llama-1.1b whole", rows)
     command = "python scripts/bench.py" + (" --quick" if args.quick else "") + (f" --extra '{args.extra}'" if extra else "")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(markdown(rows, command))
+    write_section(Path(args.out), markdown(rows, command), None)
     print(f"wrote {args.out}")
 
 
