@@ -157,11 +157,14 @@ def _read_directly(fmt: str, path: Path) -> dict[str, torch.Tensor] | None:
         logging.disable(logging.NOTSET)
 
 
-def _factor_keys(fmt: str, name: str) -> tuple[str, str]:
-    """Where the output holds a factorized layer's two weights (first: rank x fan_in, second: out x rank)."""
-    if fmt == "torchscript":
-        return f"factorized__{name}.0.weight", f"factorized__{name}.1.weight"
-    return f"{name}.module0.weight", f"{name}.module1.weight"
+def _factor_keys(fmt: str, name: str, out: dict) -> tuple[str, str]:
+    """Where the output holds a factorized layer's two weights (first: rank x fan_in, second: out x rank):
+    on the layer, or (TorchScript, a class type shared with another module) on the root."""
+    on_layer = f"{name}.module0.weight", f"{name}.module1.weight"
+    if fmt == "torchscript" and on_layer[0] not in out:
+        holder = "factorized__" + name.replace(".", "__")
+        return f"{holder}.0.weight", f"{holder}.1.weight"
+    return on_layer
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -180,7 +183,7 @@ def check_output(fmt: str, source: dict[str, torch.Tensor], target: Path, report
     for e in report["layers"]:
         if e["action"] != "factorize":
             continue
-        first_key, second_key = _factor_keys(fmt, e["name"])
+        first_key, second_key = _factor_keys(fmt, e["name"], out)
         first, second, weight = out[first_key].double(), out[second_key].double(), source[e["weight_key"]]
         assert first.shape[0] == second.shape[1] == e["rank"], case
         approx = (second.reshape(second.shape[0], -1) @ first.reshape(e["rank"], -1)).reshape(weight.shape)
@@ -196,7 +199,7 @@ def check_output(fmt: str, source: dict[str, torch.Tensor], target: Path, report
                 expected = (expected - {e["bias_key"]}) | {f"{e['name']}.module1.bias"}
                 renamed[f"{e['name']}.module1.bias"] = e["bias_key"]
     assert set(out) == expected, f"{case}: {sorted(set(out) ^ expected)}"
-    factors = {k for e in report["layers"] if e["action"] == "factorize" for k in _factor_keys(fmt, e["name"])}
+    factors = {k for e in report["layers"] if e["action"] == "factorize" for k in _factor_keys(fmt, e["name"], out)}
     for key in set(out) - factors:
         original = renamed.get(key, key)
         if original is not None:
