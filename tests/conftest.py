@@ -51,18 +51,7 @@ def cli(capsys):
 # and with a finder first on sys.meta_path that refuses the package, which site-packages still holds
 # (the editable install). A result that needs our package then fails to load; ``_BLOCKED`` lists what
 # was asked for, in case a loader swallowed the ImportError.
-BLOCKER = """
-import sys
-_BLOCKED = []
-class _Blocker:
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if name.partition(".")[0] == "factorize_cli":
-            _BLOCKED.append(name)
-            raise ImportError(f"{name} is blocked: the result must load without factorize")
-        return None
-sys.meta_path.insert(0, _Blocker)
-"""
+from factorize_cli.graphs.verify import BLOCKER  # noqa: E402  (the one prelude, shared with --verify)
 
 
 def run_isolated(script: str, *args: object, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -21,17 +21,23 @@ from factorize_cli.errors import InputError, UsageError
 
 _SPEC = re.compile(r"^(randn|rand|zeros|ones):(\d+(?:,\d+)*)(?::(float32|float64|float16|bfloat16))?$")
 
-RUNNER = r"""
+# The prelude of a child that must not reach factorize_cli (run it with ``python -I``): a finder first on
+# sys.meta_path refuses the package, which site-packages still holds; ``_BLOCKED`` lists what was asked for,
+# in case a loader swallowed the ImportError.
+BLOCKER = r"""
 import sys
-blocked = []
-class Blocker:
+_BLOCKED = []
+class _Blocker:
     @staticmethod
     def find_spec(name, path=None, target=None):
         if name.partition(".")[0] == "factorize_cli":
-            blocked.append(name)
+            _BLOCKED.append(name)
             raise ImportError(f"{name} is blocked: the result must load without factorize")
         return None
-sys.meta_path.insert(0, Blocker)
+sys.meta_path.insert(0, _Blocker)
+"""
+
+RUNNER = BLOCKER + r"""
 fmt, original, result, specs, torch_root = sys.argv[1:6]
 if torch_root and torch_root not in sys.path:  # torch found through PYTHONPATH, which -I ignores
     sys.path.append(torch_root)
@@ -74,7 +80,7 @@ diff = (a - b).abs()
 scale = float(a.abs().max()) or 1.0
 print(json.dumps({"max_abs_diff": float(diff.max()) if diff.numel() else 0.0,
                   "max_rel_diff": (float(diff.max()) / scale) if diff.numel() else 0.0,
-                  "clean": not blocked and "factorize_cli" not in sys.modules}))
+                  "clean": not _BLOCKED and "factorize_cli" not in sys.modules}))
 """
 
 
