@@ -25,7 +25,7 @@ demo: install $(EXAMPLE)
 	$(VENV)/bin/factorize apply $(EXAMPLE) build/example/factorized.safetensors --min-channels 64 --force
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 bench: install
 	$(PY) scripts/bench.py

