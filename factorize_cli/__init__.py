@@ -24,6 +24,7 @@ _LAZY = {
     "convert_to_factorized": "factorize_cli.modules",
     "read_rank_map": "factorize_cli.modules",
     "factorize_": "factorize_cli.api",
+    "load_pretrained": "factorize_cli.hf",
     "factorize_state_dict": "factorize_cli.pipeline",
     "plan_checkpoint": "factorize_cli.pipeline",
     "apply_checkpoint": "factorize_cli.pipeline",
