@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from factorize_cli import factorize_, factorize_state_dict
-from factorize_cli import api
+from factorize_cli import api, runs
 from factorize_cli.calibration import input_rows
 from factorize_cli.compensation import compensated_factors
 from factorize_cli.config import (BudgetMetric, BudgetPolicy, FactorizeConfig, Gates, Latent, RatioPolicy,
@@ -223,8 +223,8 @@ def test_sequential_statistics_are_those_of_the_model_factorized_by_hand(layer):
     # The collector's sums, on a model whose earlier layers are swapped the way factorize_ swaps them.
     model = copy.deepcopy(original)
     modules = {n: model.get_submodule(n) for n in order}
-    calibration = api._Calibration(model, data, modules, {n: geo for n in order})
-    swaps = api._Swaps(model)
+    calibration = runs.Calibration(model, data, modules, {n: geo for n in order})
+    swaps = runs.Swaps(model)
     for name in earlier:
         swaps.put(name, copy.deepcopy(getattr(done, name)))
     group = next(g for g in calibration.groups if g.leader == layer)
@@ -288,7 +288,7 @@ def test_layers_reading_one_input_share_their_statistics():
     model = nn.Sequential(Attention(), Attention())
     data = [structured(i, 64).reshape(4, 16, 32) for i in range(3)]
     modules = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
-    calibration = api._Calibration(model, data, modules, {})
+    calibration = runs.Calibration(model, data, modules, {})
     assert [g.names for g in calibration.groups][:4] == [("0.q", "0.k", "0.v"), ("0.o",), ("0.up",), ("0.down",)]
     assert len(calibration.groups) == 8 and all(g.once for g in calibration.groups)
     original = copy.deepcopy(model)
@@ -353,7 +353,7 @@ def test_one_shot_statistics_in_several_runs_give_the_same_factors(monkeypatch):
     data = [structured(i, 128, dtype=torch.float64) for i in range(2)]
     together = copy.deepcopy(original)
     factorize_(together, SMALL, data, sequential=False)
-    monkeypatch.setattr(api, "STATISTICS_BUDGET", 1)  # one group per run
+    monkeypatch.setattr(runs, "STATISTICS_BUDGET", 1)  # one group per run
     apart = copy.deepcopy(original)
     factorize_(apart, SMALL, data, sequential=False)
     for key, tensor in together.state_dict().items():
