@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from factorize_cli import factorize_, factorize_state_dict
-from factorize_cli import api, runs
+from factorize_cli import runs
 from factorize_cli.calibration import input_rows
 from factorize_cli.compensation import compensated_factors
 from factorize_cli.config import (BudgetMetric, BudgetPolicy, FactorizeConfig, Gates, Latent, RatioPolicy,
