@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from factorize_cli.runs import PLAIN, Calibration, Swaps, eval_mode
-from factorize_cli.config import FactorizeConfig
+from factorize_cli.config import BudgetPolicy, FactorizeConfig
 from factorize_cli.errors import GateError, UsageError, describe
 from factorize_cli.formats.base import Checkpoint, TensorInfo, dtype_name, shared_storage
 from factorize_cli.geometry import Geometry, LayerKind
@@ -185,44 +185,83 @@ def _layers(model: nn.Module, tied: Mapping[str, str]) -> list[tuple[Candidate, 
 def _plan(model: nn.Module, candidates: list[Candidate], modules: dict[str, nn.Module], config: FactorizeConfig,
           data: Iterable[Any] | None) -> tuple[Plan, Calibration | None]:
     """The CLI's plan for the model's layers; with data, which layers it reaches and (when the policy
-    needs spectra) their whitened spectra."""
-    from factorize_cli.factorization import all_finite, choose_engine, singular_values, whitened_singular_values
+    needs spectra) their whitened spectra and, for a budget, each layer's measured output sensitivity."""
+    from factorize_cli.factorization import all_finite, choose_engine, singular_values
 
     screened = [c for c in candidates if screen(c, config.selection).reason is None]
     finite = [c for c in screened if all_finite(modules[c.name].weight.detach())]
     calibration = Calibration(model, data, {c.name: modules[c.name] for c in finite},
-                               {c.name: c.geometry for c in finite}) if data is not None else None
-    spectra: dict[str, torch.Tensor] = {}
-    plain: dict[str, str] = {}  # calibrated layers whose whitening failed, and why
+                              {c.name: c.geometry for c in finite}) if data is not None else None
+    measured = _Measured()
     if config.needs_spectra:
         engines = {c.name: config.svd if config.svd in ("exact", "gram") else choose_engine(c.geometry)
                    for c in finite}
         if calibration is not None:
-            for group, moment, _ in calibration.one_shot(calibration.groups):
-                pair = _whitening(moment)
-                for name in group.names:
-                    if isinstance(pair, str):
-                        plain[name] = pair
-                    else:
-                        spectra[name] = whitened_singular_values(
-                            modules[name].weight.detach(), calibration.geometries[name], pair[0],
-                            engine=engines[name], device=config.device)
+            measured = _calibrated_spectra(model, calibration, config, engines)
         for c in finite:
-            if c.name not in spectra:
-                spectra[c.name] = singular_values(modules[c.name].weight.detach(), c.geometry,
-                                                  engine=engines[c.name], device=config.device)
+            if c.name not in measured.spectra:
+                measured.spectra[c.name] = singular_values(modules[c.name].weight.detach(), c.geometry,
+                                                           engine=engines[c.name], device=config.device)
     names = {c.name for c in finite}
 
     def inspect(layer: LayerPlan) -> LayerPlan:
         if layer.name not in names:
             return layer.skipped(SkipReason.NON_FINITE, "weight holds NaN or Inf values")
         if calibration is not None:
-            why_not = plain.get(layer.name) or calibration.why_not(layer.name)
+            why_not = measured.plain.get(layer.name) or calibration.why_not(layer.name)
             layer = replace(layer, calibrated=why_not is None, detail=why_not or "")
-        return replace(layer, spectrum=spectra[layer.name]) if config.needs_spectra else layer
+        if not config.needs_spectra:
+            return layer
+        return replace(layer, spectrum=measured.spectra[layer.name], sensitivity=measured.sensitivity.get(layer.name))
 
     plan = build_plan(candidates, config, source=f"<{type(model).__name__}>", fmt=FORMAT, inspect=inspect)
     return plan, calibration
+
+
+@dataclass
+class _Measured:
+    """What the data runs measured for planning, by layer name."""
+
+    spectra: dict[str, torch.Tensor] = field(default_factory=dict)
+    plain: dict[str, str] = field(default_factory=dict)  # calibrated layers whose whitening failed, and why
+    sensitivity: dict[str, float] = field(default_factory=dict)  # see factorize_cli.sensitivity
+
+
+def _calibrated_spectra(model: nn.Module, calibration: Calibration, config: FactorizeConfig,
+                        engines: Mapping[str, str]) -> _Measured:
+    """Whitened spectra of the layers the data reaches; under a budget, also their output sensitivity
+    (one run of the first calibration batches per layer, with the layer at its reference rank)."""
+    from factorize_cli.factorization import factorize_whitened, whitened_singular_values
+    from factorize_cli.execution import layer_seed
+    from factorize_cli.sensitivity import OutputProbe, approximation, first_samples, reference_rank
+
+    measured = _Measured()
+    budget = config.policy if isinstance(config.policy, BudgetPolicy) else None
+    probe = OutputProbe(model, first_samples(calibration.data)) if budget is not None else None
+    for group, moment, _ in calibration.one_shot(calibration.groups):
+        pair = _whitening(moment)
+        for name in group.names:
+            if isinstance(pair, str):
+                measured.plain[name] = pair
+                continue
+            module, geometry = calibration.modules[name], calibration.geometries[name]
+            weight = module.weight.detach()
+            sigma = measured.spectra[name] = whitened_singular_values(weight, geometry, pair[0], engine=engines[name],
+                                                                      device=config.device)
+            if probe is None:
+                continue
+            rank = reference_rank(geometry, budget.fraction)
+            tail = float(sigma[rank:].double().square().sum())
+            if tail <= 0:
+                continue
+            try:
+                factors = factorize_whitened(weight, geometry, rank, *pair, engine=config.svd,
+                                             seed=layer_seed(config.seed, name), device=config.device).outcome.factors
+            except torch.linalg.LinAlgError:
+                continue
+            change = probe.relative_change(module, approximation(weight, geometry, factors.first, factors.second))
+            measured.sensitivity[name] = change / tail
+    return measured
 
 
 def _whitening(moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | str:

@@ -40,6 +40,7 @@ class LayerPlan:
     pinned: bool = False  # rank set by --rank PATTERN=R
     calibrated: bool = False  # whitened by activation statistics: the spectrum is that of W S
     spectrum: torch.Tensor | None = field(default=None, compare=False, repr=False)  # float64 singular values
+    sensitivity: float | None = None  # measured model-output error per unit of output error (calibrated budgets)
 
     @property
     def name(self) -> str:
