@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -74,36 +74,59 @@ def factorize_(model: nn.Module, config: FactorizeConfig | None = None, data: It
     _check_arguments(model, config, data)
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     checkpoint = _view(model)
-    found = _layers(model, checkpoint.tied)
-    modules = {c.name: m for c, m in found}
+
+    def report(run: LiveRun) -> dict[str, Any]:
+        return run.report(checkpoint, timing=timing(started, t0))
+
+    def gate(run: LiveRun) -> None:  # predictions exist: fail a gate before any SVD work
+        if config.needs_spectra and not (early := report(run))["gates"]["passed"]:
+            raise GateError(early["gates"]["violations"], early)
+
     swaps = Swaps(model)
     try:
-        with eval_mode(model) if data is not None else nullcontext():
-            plan, calibration = _plan(model, [c for c, _ in found], modules, config, data)
-
-            def report_now(results: dict[str, LayerResult], methods: dict[str, Method]) -> dict[str, Any]:
-                notes = calibration.notes(sequential) if calibration is not None else []
-                report = build_report(command="apply", checkpoint=checkpoint, plan=plan, results=results,
-                                      output=None, notes=notes, timing={
-                                          "started_at": started.isoformat(timespec="seconds"),
-                                          "seconds": round(time.perf_counter() - t0, 3)})
-                for entry in report["layers"]:
-                    method = methods.get(entry["name"])
-                    entry["method"] = method.value if method is not None else None
-                return report
-
-            if config.needs_spectra:  # predictions exist: fail a gate before any SVD work
-                early = report_now({}, {})
-                if not early["gates"]["passed"]:
-                    raise GateError(early["gates"]["violations"], early)
-            results, methods = _execute(plan, modules, config, calibration, swaps, sequential=sequential)
-        report = report_now(results, methods)
-        if not report["gates"]["passed"]:
-            raise GateError(report["gates"]["violations"], report)
+        final = report(run_live(model, config, data, swaps, sequential=sequential, before_work=gate))
+        if not final["gates"]["passed"]:
+            raise GateError(final["gates"]["violations"], final)
     except BaseException:
         swaps.undo()
         raise
-    return report
+    return final
+
+
+def timing(started: datetime, t0: float) -> dict[str, Any]:
+    return {"started_at": started.isoformat(timespec="seconds"), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+@dataclass
+class LiveRun:
+    """A live model's plan and what executing it did: results and method by layer name."""
+
+    plan: Plan
+    notes: list[str]
+    results: dict[str, LayerResult] = field(default_factory=dict)
+    methods: dict[str, Method] = field(default_factory=dict)
+
+    def report(self, checkpoint: Checkpoint, *, output: dict | None = None, timing: dict[str, Any]) -> dict[str, Any]:
+        report = build_report(command="apply", checkpoint=checkpoint, plan=self.plan, results=self.results,
+                              output=output, notes=self.notes, timing=timing)
+        for entry in report["layers"]:
+            method = self.methods.get(entry["name"])
+            entry["method"] = method.value if method is not None else None
+        return report
+
+
+def run_live(model: nn.Module, config: FactorizeConfig, data: Iterable[Any] | None, swaps: Swaps, *,
+             sequential: bool, before_work: Callable[[LiveRun], None] = lambda run: None) -> LiveRun:
+    """Plan ``model``'s layers, call ``before_work`` with the plan, then factorize them into ``swaps``
+    (the caller undoes the swaps when it fails)."""
+    found = _layers(model, shared_storage(model.state_dict()))
+    modules = {c.name: m for c, m in found}
+    with eval_mode(model) if data is not None else nullcontext():
+        plan, calibration = _plan(model, [c for c, _ in found], modules, config, data)
+        run = LiveRun(plan, calibration.notes(sequential) if calibration is not None else [])
+        before_work(run)
+        run.results, run.methods = _execute(plan, modules, config, calibration, swaps, sequential=sequential)
+    return run
 
 
 def _check_arguments(model: Any, config: Any, data: Any) -> None:

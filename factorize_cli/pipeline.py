@@ -119,13 +119,11 @@ class _Apply:
         kind = handler.output_kind(checkpoint, self.output)
         self.verifier = handler.verifier(checkpoint, self.source) if self.specs else None
         check_device(self.config.device)
-        plan = make_plan(checkpoint, self.config, spectra=False, progress=self.progress, whitener=whitener)
-        whitener.begin_apply(layer.name for layer in plan.to_factorize if layer.calibrated)
+        plan, work = self.prepare(checkpoint, whitener)
         self.destination = {"path": str(self.output), "format": kind.value, "files": [],
                             "report": str(self.report_path), "tensors": handler.output_tensors(checkpoint, plan),
                             "written": False}
         self.checkpoint, self.plan, self.notes = checkpoint, plan, handler.notes(checkpoint, kind)
-        work = LayerWork(self.config, whitener, self.progress)
         if self.config.needs_spectra:  # predictions exist: fail a gate before any SVD work
             self._gate(self.report_now({}))
         self.progress.start("factorizing", len(plan.to_factorize))
@@ -141,12 +139,22 @@ class _Apply:
             self.progress.stop()
         return self.final or self.report_now(work.results)  # the report the gates saw (verify included)
 
+    def prepare(self, checkpoint: Checkpoint, whitener: Whitener) -> tuple[Plan, LayerWork]:
+        """The plan, and the work that computes each planned layer's factors as the writer asks."""
+        plan = make_plan(checkpoint, self.config, spectra=False, progress=self.progress, whitener=whitener)
+        whitener.begin_apply(layer.name for layer in plan.to_factorize if layer.calibrated)
+        return plan, LayerWork(self.config, whitener, self.progress)
+
+    def decorate(self, report: dict[str, Any]) -> dict[str, Any]:
+        """What a variant adds to the report (a live run's per-layer method)."""
+        return report
+
     def report_now(self, results: dict) -> dict[str, Any]:
         report = build_report(command="apply", checkpoint=self.checkpoint, plan=self.plan, results=results,
                               output=self.destination, notes=self.notes, timing=_timing(self.started, self.t0))
         if self.label is not None:
             report["input"]["path"] = self.label
-        return report
+        return self.decorate(report)
 
     def _gate(self, report: dict[str, Any]) -> None:
         if not report["gates"]["passed"]:
@@ -170,19 +178,31 @@ class _Apply:
 def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConfig, *, force: bool = False,
                      report_path: str | Path | None = None, html_path: str | Path | None = None,
                      unsafe_pickle: bool = False, progress: Progress | None = None, label: str | None = None,
-                     verify: Sequence[str] = (), verify_tol: float = 0.1) -> dict[str, Any]:
+                     verify: Sequence[str] = (), verify_tol: float = 0.1, data: str | Path | None = None,
+                     text: Any = None, sequential: bool = True) -> dict[str, Any]:
     """Factorize ``path`` into ``output`` and write the JSON report; returns the report.
 
+    With ``data`` (text samples, for a Hugging Face folder) the model is run on them: calibrated and
+    factorized in one go (:mod:`factorize_cli.datarun`), ``text`` a TextDataConfig.
     When a gate fails the report is written, the output is not, and :class:`GateError` is raised.
     """
     from factorize_cli.graphs.verify import VerifySpec
 
     source, output = Path(path), Path(output)
-    run = _Apply(source, output, config, Path(report_path) if report_path else default_report_path(output),
-                 Path(html_path) if html_path else None, label, [VerifySpec.parse(text) for text in verify],
-                 verify_tol, progress or Silent())
+    args = (source, output, config, Path(report_path) if report_path else default_report_path(output),
+            Path(html_path) if html_path else None, label, [VerifySpec.parse(text) for text in verify],
+            verify_tol, progress or Silent())
+    if data is None:
+        run = _Apply(*args)
+    else:
+        from factorize_cli.datarun import ApplyWithData
+        from factorize_cli.textdata import TextDataConfig
+
+        if config.calibration:
+            raise UsageError("--data calibrates as it goes: drop --calibration")
+        run = ApplyWithData(*args, data=Path(data), text=text or TextDataConfig(), sequential=sequential)
     check_targets({"output": output, "report": run.report_path, "HTML report": run.html_path},
-                  _inputs(source, config), force=force)
+                  _inputs(source, config) + ([Path(data)] if data is not None else []), force=force)
     with open_checkpoint(source, unsafe_pickle=unsafe_pickle) as checkpoint, \
             Whitener(config.calibration, keep_for_apply=True) as whitener:
         report = run.run(checkpoint, whitener)

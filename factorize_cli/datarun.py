@@ -1,0 +1,142 @@
+"""``factorize apply MODEL OUT --data DATA``: calibrate and factorize a runnable model in one command.
+
+The Hugging Face folder is loaded as its transformers model (:func:`factorize_cli.hf.load_pretrained`),
+DATA is tokenized with the folder's tokenizer (:mod:`factorize_cli.textdata`), and
+:func:`factorize_cli.api.run_live` plans and factorizes the live model: whitened spectra, budgets
+weighed by each layer's measured effect on the model output, and (unless ``--no-sequential``) layer by
+layer in forward order, each layer's factors refit to the original outputs from the inputs the
+already factorized layers give it. The plan and the factors it produced are then carried over to the
+checkpoint's own names and written in the checkpoint's own shape by the same writer as every other
+apply (atomic, through the one output rule), with the same report plus each layer's ``method``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from factorize_cli.errors import UsageError
+from factorize_cli.formats.base import Checkpoint
+from factorize_cli.pipeline import _Apply
+from factorize_cli.planning import LayerPlan, Plan
+from factorize_cli.report import LayerResult
+from factorize_cli.selection import SkipReason
+from factorize_cli.textdata import TextDataConfig
+
+
+@dataclass(frozen=True)
+class _Factors:
+    first: Any
+    second: Any
+
+
+@dataclass(frozen=True)
+class _Given:
+    factors: _Factors
+
+
+@dataclass
+class GivenWork:
+    """The writer's per-layer work when the factors are already computed (by a live run)."""
+
+    factors: dict[str, _Factors]
+    given: dict[str, LayerResult]
+    progress: Any
+    results: dict[str, LayerResult] = field(default_factory=dict)
+
+    def factorize(self, layer: LayerPlan, weight: Any) -> tuple[_Given, LayerResult]:
+        return _Given(self.factors[layer.name]), self.given[layer.name]
+
+    def record(self, layer: LayerPlan, outcome_and_result: tuple[_Given, LayerResult]) -> _Given:
+        outcome, self.results[layer.name] = outcome_and_result
+        self.progress.advance(layer.name)
+        return outcome
+
+
+@dataclass
+class ApplyWithData(_Apply):
+    """An apply whose plan and factors come from running the model on DATA."""
+
+    data: Path = Path()
+    text: TextDataConfig = field(default_factory=TextDataConfig)
+    sequential: bool = True
+    methods: dict[str, Any] = field(default_factory=dict)
+
+    def prepare(self, checkpoint: Checkpoint, whitener: Any) -> tuple[Plan, Any]:
+        from factorize_cli.api import run_live
+        from factorize_cli.hf import is_model_folder, load_pretrained
+        from factorize_cli.runs import Swaps
+        from factorize_cli.textdata import text_batches
+
+        if not is_model_folder(self.source):
+            raise UsageError(f"{self.source}: --data runs the model, which needs a Hugging Face model folder "
+                             "(config.json beside the weights); for other checkpoints run `factorize calibrate` "
+                             "and pass --calibration")
+        self.progress.start("loading the model", 0)
+        model = load_pretrained(self.source, device=self.config.device)
+        batches = text_batches(self.source, self.data, self.text, device=self.config.device)
+        names = _checkpoint_names(model, checkpoint, self.config)
+        self.progress.start("calibrating and factorizing", 0)
+        run = run_live(model, self.config, batches, Swaps(model), sequential=self.sequential,
+                       before_work=lambda live: self._early_gate(checkpoint, live, names))
+        plan = _carried(run.plan, checkpoint, self.config, names)
+        self.live_notes = run.notes
+        self.methods = {names[n]: m.value for n, m in run.methods.items() if n in names}
+        factors = {}
+        for name, file_name in names.items():
+            if name in run.results:
+                pair = model.get_submodule(name)
+                factors[file_name] = _Factors(pair.module0.weight.detach(), pair.module1.weight.detach())
+        given = {names[n]: r for n, r in run.results.items() if n in names}
+        return plan, GivenWork(factors, given, self.progress)
+
+    def decorate(self, report: dict[str, Any]) -> dict[str, Any]:
+        report["notes"] = [*getattr(self, "live_notes", []), *report["notes"]]
+        for entry in report["layers"]:
+            entry["method"] = self.methods.get(entry["name"])
+        return report
+
+    def _early_gate(self, checkpoint: Checkpoint, live: Any, names: dict[str, str]) -> None:
+        if self.config.needs_spectra:
+            self.checkpoint, self.plan, self.notes = checkpoint, _carried(live.plan, checkpoint, self.config,
+                                                                          names), []
+            self._gate(self.report_now({}))
+
+
+def _checkpoint_names(model: Any, checkpoint: Checkpoint, config: Any) -> dict[str, str]:
+    """Live module name -> the checkpoint's layer name (the base model's prefix added or dropped)."""
+    candidates, _ = checkpoint.handler.candidates(checkpoint, config.selection)
+    known = {c.name for c in candidates}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    out = {}
+    for name, _ in model.named_modules():
+        for option in (name, name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else None,
+                       f"{prefix}.{name}" if prefix else None):
+            if option in known:
+                out[name] = option
+                break
+    return out
+
+
+def _carried(live: Plan, checkpoint: Checkpoint, config: Any, names: dict[str, str]) -> Plan:
+    """The live plan on the checkpoint's candidates: each layer's decision, rank, spectrum and sensitivity
+    as the live run planned them; a candidate the model has no module for is skipped and says so."""
+    candidates, notes = checkpoint.handler.candidates(checkpoint, config.selection)
+    decided = {names[layer.name]: layer for layer in live.layers if layer.name in names}
+    layers = []
+    for candidate in candidates:
+        layer = decided.get(candidate.name)
+        if layer is None:
+            layers.append(LayerPlan(candidate, _skip_action(), None, SkipReason.MODULE_TYPE,
+                                    "no module of the loaded model holds this weight"))
+        else:
+            layers.append(replace(layer, candidate=candidate))
+    return Plan(source=str(checkpoint.path), format=checkpoint.format, config=config, layers=tuple(layers),
+                notes=(*notes, *live.notes))
+
+
+def _skip_action() -> Any:
+    from factorize_cli.planning import Action
+
+    return Action.SKIP
