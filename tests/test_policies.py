@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from factorize_cli.config import (BudgetMetric, BudgetPolicy, EnergyPolicy, ErrorPolicy, FactorizeConfig, Latent,
@@ -135,6 +135,9 @@ weights = st.lists(st.floats(0.05, 20.0), min_size=6, max_size=6)
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(layer_shapes, min_size=1, max_size=6), st.floats(0.05, 0.95), st.sampled_from([1, 2, 8]), weights)
+@example(  # one of the rare cases (1 in 3000 drawn) where the search from the lowest ranks alone loses (by 10 %)
+    [(55, 50, 1.0327, 964074), (83, 59, 1.0781, 957260), (22, 21, 1.2356, 202430), (35, 49, 1.2849, 421988),
+     (26, 13, 1.7546, 87046), (12, 89, 0.7089, 923056)], 0.0603, 1, [1.0, 8.261, 1.0, 1.0, 4.347, 1.0])
 def test_never_worse_than_the_best_uniform_ratio_that_fits(shapes, fraction, step, w):
     """Without the exact knapsack too: the search from the best uniform schedule guarantees it."""
     layers = [(b, g) for b, g in make_layers(shapes, step, w) if b.max_rank >= step]
