@@ -199,5 +199,7 @@ def _allocate(out: list[LayerPlan], budgeted: list[int], config: FactorizeConfig
             out[i] = replace(out[i], rank=rank)
     spent = fixed + sum(_cost(out[i].geometry, metric, out[i].rank) for i in members)
     kept = f", {whole} of them kept whole" if whole else ""
+    if not before:
+        return f"{metric.value} budget: no layers"
     return (f"{metric.value} budget: the budgeted layers keep {spent:,} of {before:,} "
-            f"({spent / before:.4f}; target {policy.fraction:g}){kept}" if before else f"{metric.value} budget: no layers")
+            f"({spent / before:.4f}; target {policy.fraction:g}){kept}")

@@ -103,10 +103,12 @@ def test_minilm_budget_beats_uniform_ranks_at_equal_params(minilm):
     uniform_error, k, schedule = min(uniform)
     budget_error = weighted(ranks)
     whole = sum(r is None for r in ranks)
-    print(f"\nMiniLM params:0.8 over encoder Linears: budget error {budget_error:.4f} ({whole} kept whole) vs best "
-          f"uniform --latent-features {k}/384 error {uniform_error:.4f} ({params(schedule) / before:.4f} of the params)")
+    print(f"\nMiniLM params:0.8 over encoder Linears: budget error {budget_error:.4f} ({whole} kept whole) vs "
+          f"best uniform --latent-features {k}/384 error {uniform_error:.4f} "
+          f"({params(schedule) / before:.4f} of the params)")
     assert budget_error < uniform_error
-    assert budget_error == pytest.approx(0.232, abs=0.001) and uniform_error == pytest.approx(0.283, abs=0.001)  # README
+    # README
+    assert budget_error == pytest.approx(0.232, abs=0.001) and uniform_error == pytest.approx(0.283, abs=0.001)
 
 
 @pytest.mark.slow
