@@ -182,13 +182,25 @@ def _allocate(out: list[LayerPlan], budgeted: list[int], config: FactorizeConfig
         geo = out[i].geometry
         base = _cost(geo, metric, 0)
         items.append(BudgetLayer(out[i].name, _spectrum(out[i]), _cost(geo, metric, 1) - base, base,
-                                 round_down(geo.break_even_rank, step)))
+                                 round_down(geo.break_even_rank, step), whole_cost=_cost(geo, metric, None),
+                                 min_dim=geo.min_dim))
     try:
         ranks = allocate_budget(items, budget, step)
     except BudgetError as e:
         raise UsageError(f"--rank-policy {metric.value}:{policy.fraction:g} cannot be met: {e}") from None
-    for i in members:
-        out[i] = replace(out[i], rank=ranks[out[i].name])
+    whole = 0
+    for i, item in zip(members, items):
+        rank = ranks[item.name]
+        if rank is None:  # None leaves it whole: counted below at its full cost
+            whole += 1
+            out[i] = out[i].skipped(SkipReason.KEPT_WHOLE, (
+                f"the {metric.value} budget does better leaving it whole ({item.whole_cost:,}) than at any rank "
+                f"up to {item.max_rank} (break-even rank is {out[i].geometry.break_even_rank})"))
+        else:
+            out[i] = replace(out[i], rank=rank)
     spent = fixed + sum(_cost(out[i].geometry, metric, out[i].rank) for i in members)
-    return (f"{metric.value} budget: the factorized layers keep {spent:,} of {before:,} "
-            f"({spent / before:.4f}; target {policy.fraction:g})" if before else f"{metric.value} budget: no layers")
+    kept = f", {whole} of them kept whole" if whole else ""
+    if not before:
+        return f"{metric.value} budget: no layers"
+    return (f"{metric.value} budget: the budgeted layers keep {spent:,} of {before:,} "
+            f"({spent / before:.4f}; target {policy.fraction:g}){kept}")

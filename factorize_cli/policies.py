@@ -2,8 +2,8 @@
 
 - ``smallest_rank``: per layer, the fewest singular values whose dropped tail is small enough
   (``energy:T`` drops at most 1-T of ||W||^2; ``error:E`` at most E^2 of it).
-- ``allocate_budget``: across layers, rank steps go greedily to the largest drop in squared
-  error per unit of cost, never above a layer's ceiling, until the budget is spent.
+- ``allocate_budget``: across layers, ranks (or leaving a layer whole) that remove the most weighted
+  squared error within a cost budget; never worse than the best uniform latent fraction that fits.
 """
 
 from __future__ import annotations
@@ -63,13 +63,20 @@ def round_down(rank: int, multiple: int) -> int:
 
 @dataclass(frozen=True)
 class BudgetLayer:
-    """One layer in a global allocation: its spectrum, its cost per rank, and its ceiling."""
+    """One layer in a global allocation: its spectrum, its costs, its ceiling and how much its error counts.
+
+    Its choices are the ranks ``step, 2 step, ..., max_rank`` and, when ``whole_cost`` is given, leaving it
+    whole (that cost, no error). Its error at rank r is ``weight * sum(sigma[r:]^2)``.
+    """
 
     name: str
     sigma: torch.Tensor
     cost_per_rank: int  # r * cost_per_rank + fixed_cost is the layer's cost at rank r
     fixed_cost: int
     max_rank: int  # the break-even rank rounded down to the step
+    whole_cost: int | None = None  # the layer's cost left unfactorized; None: it must be factorized
+    min_dim: int | None = None  # the min(in, out) a latent fraction scales (None: len(sigma))
+    weight: float = 1.0  # how much a unit of the layer's squared error counts against the others'
 
 
 class BudgetError(ValueError):
@@ -77,134 +84,195 @@ class BudgetError(ValueError):
 
 
 def allocate_budget(layers: Sequence[BudgetLayer], budget: float, step: int = 1,
-                    exact_limit: int = 30_000_000) -> dict[str, int]:
-    """Ranks (multiples of ``step``) that spend at most ``budget`` and remove the most squared error.
+                    exact_limit: int = 30_000_000) -> dict[str, int | None]:
+    """Ranks (multiples of ``step``; None: kept whole) that spend at most ``budget`` and remove the most error.
 
-    Every layer starts at rank ``step``. Then, repeatedly, the step with the largest error drop per
-    unit cost is taken if it fits; a layer whose next step does not fit is closed (its later steps
-    cost the same and gain less). Greedy by ratio can strand up to one step of budget when steps
-    differ in cost (the problem is a knapsack), so exchanges follow: give back a few steps, take
-    another that fits, keep the trade when the total squared error drops, and refill greedily.
-    When the problem is small enough (``exact_limit`` table cells) the knapsack is solved exactly
-    by dynamic programming over the cost, and that answer is used when it is better.
+    Each layer climbs a ladder: rank ``step``, the next step, ..., its ceiling, then whole when allowed.
+    A local search starts with every layer on its lowest rung and repeatedly takes the move with the
+    largest error drop per unit cost that fits: the next rung, or straight to whole (a jump: leaving a
+    layer whole removes all of its error for about one step more than its ceiling costs). Greedy by
+    ratio can strand budget (the problem is a knapsack), so exchanges follow: give back a few rungs,
+    take a move that fits, keep the trade when the error drops, and refill. The same search also starts
+    from the best uniform schedule (one latent fraction for every layer, as ``--latent-features`` plans
+    it) that fits, so the answer is never worse than that schedule. When the problem is small enough
+    (``exact_limit`` table cells) the knapsack is also solved exactly by dynamic programming. The
+    answer is the best of these.
     """
     alloc = _Allocation(layers, budget, step)
-    alloc.refill()
-    for _ in range(200):  # every accepted exchange strictly lowers the error
-        if not alloc.exchange():
-            break
-        alloc.refill()
-    exact = alloc.exact(exact_limit)
-    if exact is not None and alloc.error(exact) < alloc.error(alloc.ranks):
-        alloc.ranks = exact
-    return {layer.name: r for layer, r in zip(layers, alloc.ranks)}
+    found = [alloc.search([0] * len(layers))]
+    uniform = alloc.best_uniform([layer.min_dim or len(layer.sigma) for layer in layers])
+    if uniform is not None:
+        found.append(alloc.search(uniform))
+    exact = _exact_positions(alloc, exact_limit)
+    if exact is not None:
+        found.append(exact)
+    best = min(found, key=alloc.error)  # the first of equals: the plain search's
+    return {layer.name: alloc.rank(i, p) for i, (layer, p) in enumerate(zip(layers, best))}
 
 
 class _Allocation:
+    """Each layer's ladder as rungs (0: rank ``step``; ``top``: its ceiling; ``top + 1``: whole when
+    allowed) with a cost and an error per rung, and the search state: a rung per layer and the spend."""
+
     def __init__(self, layers: Sequence[BudgetLayer], budget: float, step: int) -> None:
         self.step, self.budget = step, budget
-        self.ranks = [step] * len(layers)
-        self.spent = sum(step * layer.cost_per_rank + layer.fixed_cost for layer in layers)
-        if self.spent > budget:
-            raise BudgetError(f"the smallest ranks already cost {self.spent:,} against a budget of {budget:,.0f}")
-        self.tails = [tail_energy(layer.sigma).tolist() for layer in layers]
-        self.costs = [step * layer.cost_per_rank for layer in layers]
-        self.ceilings = [layer.max_rank for layer in layers]
-        self.minimum = self.spent
+        self.tops = [(layer.max_rank - step) // step for layer in layers]
+        self.prices: list[list[int]] = []
+        self.errors: list[list[float]] = []
+        for layer, top in zip(layers, self.tops):
+            tail = tail_energy(layer.sigma).tolist()
+            ranks = [step * (1 + t) for t in range(top + 1)]
+            self.prices.append([r * layer.cost_per_rank + layer.fixed_cost for r in ranks])
+            self.errors.append([layer.weight * tail[min(r, len(tail) - 1)] for r in ranks])
+            if layer.whole_cost is not None:
+                self.prices[-1].append(layer.whole_cost)
+                self.errors[-1].append(0.0)
+        self.minimum = sum(p[0] for p in self.prices)
+        if self.minimum > budget:
+            raise BudgetError(f"the smallest ranks already cost {self.minimum:,} against a budget of {budget:,.0f}")
+        self.pos: list[int] = []
+        self.spent = 0
 
-    def error(self, ranks: list[int]) -> float:
-        return sum(self.tail(i, r) for i, r in enumerate(ranks))
+    def rank(self, i: int, p: int) -> int | None:
+        return None if p > self.tops[i] else self.step * (1 + p)
 
-    def exact(self, limit: int) -> list[int] | None:
-        return _exact_ranks(self, limit)
+    def error(self, pos: list[int]) -> float:
+        return math.fsum(e[p] for e, p in zip(self.errors, pos))
 
-    def tail(self, i: int, r: int) -> float:
-        t = self.tails[i]
-        return t[min(r, len(t) - 1)]
+    def cost(self, pos: list[int]) -> int:
+        return sum(c[p] for c, p in zip(self.prices, pos))
 
-    def gain(self, i: int) -> float | None:
-        """Error removed by layer i's next step, or None at its ceiling."""
-        r = self.ranks[i]
-        return None if r + self.step > self.ceilings[i] else self.tail(i, r) - self.tail(i, r + self.step)
+    def moves(self, i: int) -> list[tuple[float, int, int]]:
+        """Layer i's moves up as (error removed, extra cost, rung): the next rung and the jump to whole."""
+        p, end = self.pos[i], len(self.prices[i]) - 1
+        e, c = self.errors[i], self.prices[i]
+        return [(e[p] - e[q], c[q] - c[p], q) for q in sorted({p + 1, end}) if p < q <= end]
 
-    def loss(self, i: int, k: int) -> float | None:
-        """Error added by giving back k steps of layer i, or None below the smallest rank."""
-        r = self.ranks[i]
-        return None if r - k * self.step < self.step else self.tail(i, r - k * self.step) - self.tail(i, r)
+    def search(self, start: list[int]) -> list[int]:
+        self.pos, self.spent = list(start), self.cost(start)
+        self.refill()
+        for _ in range(200):  # every accepted exchange strictly lowers the error
+            if not self.exchange():
+                break
+            self.refill()
+        return list(self.pos)
 
     def refill(self) -> None:
-        heap = [(-g / self.costs[i], i) for i in range(len(self.ranks)) if (g := self.gain(i)) is not None]
-        heapq.heapify(heap)
+        def push(i: int) -> None:
+            for gain, cost, q in self.moves(i):
+                heapq.heappush(heap, (-gain / cost if cost > 0 else -math.inf, i, self.pos[i], q))
+
+        heap: list[tuple[float, int, int, int]] = []
+        for i in range(len(self.pos)):
+            push(i)
         while heap:
-            _, i = heapq.heappop(heap)
-            if self.spent + self.costs[i] > self.budget:
-                continue  # closed: every later step of this layer costs the same and gains less
-            self.spent += self.costs[i]
-            self.ranks[i] += self.step
-            if (g := self.gain(i)) is not None:
-                heapq.heappush(heap, (-g / self.costs[i], i))
+            _, i, p, q = heapq.heappop(heap)
+            if self.pos[i] != p:
+                continue  # stale: the layer has moved since
+            extra = self.prices[i][q] - self.prices[i][p]
+            if self.spent + extra > self.budget:
+                continue  # closed: the spend only grows, and this move's cost does not change
+            self.spent += extra
+            self.pos[i] = q
+            push(i)
 
     def exchange(self, pool: int = 12) -> bool:
-        """Apply the best trade of (up to three steps of one layer, or one step each of two layers)
-        for one step of another layer; False when no trade lowers the error."""
-        n, costs = len(self.ranks), self.costs
-        gains = [self.gain(j) for j in range(n)]
-        give: list[tuple[float, int, tuple[tuple[int, int], ...]]] = []
+        """Apply the best trade of (up to three rungs of one layer, all of a layer above its lowest rung,
+        or one rung each of two layers) for one move up of another layer; False when none lowers the error."""
+        n, pos = len(self.pos), self.pos
+        give: list[tuple[float, int, tuple[tuple[int, int], ...]]] = []  # error added, cost freed, new rungs
         for i in range(n):
-            for k in (1, 2, 3):
-                if (lost := self.loss(i, k)) is None:
-                    break
-                give.append((lost, k * costs[i], ((i, k),)))
-        singles = sorted((g for g in give if g[2][0][1] == 1), key=lambda g: g[0] / g[1])[:pool]
+            e, c, p = self.errors[i], self.prices[i], pos[i]
+            for q in sorted({p - 1, p - 2, p - 3, 0}, reverse=True):
+                if 0 <= q < p:
+                    give.append((e[q] - e[p], c[p] - c[q], ((i, q),)))
+        singles = sorted((g for g in give if g[2][0][1] == pos[g[2][0][0]] - 1),
+                         key=lambda g: g[0] / g[1] if g[1] > 0 else math.inf)[:pool]
         for a in range(len(singles)):
             for b in range(a + 1, len(singles)):
                 give.append((singles[a][0] + singles[b][0], singles[a][1] + singles[b][1],
                              singles[a][2] + singles[b][2]))
-        best, move = 0.0, None
-        room = self.budget - self.spent
-        for lost, freed, removed in give:
-            touched = {i for i, _ in removed}
-            for j in range(n):
-                g = gains[j]
-                if g is None or j in touched or costs[j] > room + freed:
-                    continue
-                if g - lost > best * (1 + 1e-12) + 1e-300:
-                    best, move = g - lost, (removed, j)
-        if move is None:
+        take = sorted(((gain, cost, j, q) for j in range(n) for gain, cost, q in self.moves(j)), reverse=True)
+        if not take:
             return False
-        removed, j = move
-        for i, k in removed:
-            self.ranks[i] -= k * self.step
-            self.spent -= k * costs[i]
-        self.ranks[j] += self.step
-        self.spent += costs[j]
+        best, trade = 0.0, None
+        room = self.budget - self.spent
+        for lost, freed, given in give:
+            if take[0][0] - lost <= best:
+                continue
+            touched = {i for i, _ in given}
+            for gain, cost, j, q in take:  # by gain, largest first: the first that fits is this give's best
+                if gain - lost <= best * (1 + 1e-12) + 1e-300:
+                    break
+                if j not in touched and cost <= room + freed:
+                    best, trade = gain - lost, (given, j, q)
+                    break
+        if trade is None:
+            return False
+        given, j, q = trade
+        for i, p in (*given, (j, q)):
+            self.spent += self.prices[i][p] - self.prices[i][pos[i]]
+            pos[i] = p
         return True
 
+    def best_uniform(self, dims: list[int]) -> list[int] | None:
+        """Rungs of the least-error uniform schedule that fits: for one latent fraction f, every layer at
+        ``max(1, int(f * dim))`` rounded to the step, or whole when that is above its ceiling, as
+        ``--latent-features f`` plans it. f runs through the fractions k/dim where some layer's rank changes."""
+        events: dict[float, list[tuple[int, int]]] = {}  # f -> (dim, k) with f * dim == k
+        for d in set(dims):
+            for k in range(1, d):
+                events.setdefault(k / d, []).append((d, k))  # equal fractions divide to the same float
+        by_dim: dict[int, list[int]] = {}
+        for i, d in enumerate(dims):
+            by_dim.setdefault(d, []).append(i)
+        pos = [0] * len(dims)  # small f: every rank max(1, int(f * dim)) = 1, rounded to the step
+        spent, error, whole = self.cost(pos), self.error(pos), 0
+        best, least = (list(pos), error) if spent <= self.budget else (None, math.inf)
+        for f in sorted(events):
+            for d, k in events[f]:
+                for i in by_dim[d]:
+                    q = round_nearest(k, self.step) // self.step - 1
+                    if q > self.tops[i]:
+                        if len(self.prices[i]) == self.tops[i] + 1:
+                            return best  # above its ceiling and it cannot stay whole: no larger f plans
+                        q = self.tops[i] + 1
+                    if q != pos[i]:
+                        spent += self.prices[i][q] - self.prices[i][pos[i]]
+                        error += self.errors[i][q] - self.errors[i][pos[i]]
+                        whole += (q > self.tops[i]) - (pos[i] > self.tops[i])
+                        pos[i] = q
+            if spent <= self.budget and error < least:
+                best, least = list(pos), error
+            if whole == len(pos):
+                break
+        return best
 
-def _exact_ranks(alloc: _Allocation, limit: int) -> list[int] | None:
-    """Exact knapsack by dynamic programming over cost units, or None when it would be too big."""
+
+def _exact_positions(alloc: _Allocation, limit: int) -> list[int] | None:
+    """Exact knapsack by dynamic programming over cost units, whole rungs included (a jump in cost like
+    any other choice here), or None when it would be too big."""
     import torch
 
-    step, costs = alloc.step, alloc.costs
-    unit = math.gcd(*costs) if costs else 1
+    offsets = [[c - prices[0] for c in prices] for prices in alloc.prices]  # cost above the lowest rung
+    if any(o < 0 for row in offsets for o in row):
+        return None  # a rung cheaper than the lowest: not a knapsack over cost units
+    unit = math.gcd(*(o for row in offsets for o in row)) or 1
     room = int((alloc.budget - alloc.minimum) // unit)
-    extra = [(ceiling - step) // step for ceiling in alloc.ceilings]  # steps above the smallest rank
-    if room < 0 or sum(t + 1 for t in extra) * (room + 1) > limit:
+    if room < 0 or sum(len(row) for row in offsets) * (room + 1) > limit:
         return None
     best = torch.zeros(room + 1, dtype=torch.float64)  # least error using at most b units
     choices = []
-    for i, top in enumerate(extra):
-        u = costs[i] // unit
-        table = torch.full((top + 1, room + 1), math.inf, dtype=torch.float64)
-        for t in range(top + 1):
-            if t * u > room:
-                break
-            table[t, t * u:] = best[: room + 1 - t * u] + alloc.tail(i, step * (1 + t))
+    for errors, row in zip(alloc.errors, offsets):
+        table = torch.full((len(row), room + 1), math.inf, dtype=torch.float64)
+        for p, o in enumerate(row):
+            u = o // unit
+            if u <= room:
+                table[p, u:] = best[: room + 1 - u] + errors[p]
         best, choice = table.min(dim=0)
         choices.append(choice)
-    ranks, b = [0] * len(extra), room
-    for i in range(len(extra) - 1, -1, -1):
-        t = int(choices[i][b])
-        ranks[i] = step * (1 + t)
-        b -= t * (costs[i] // unit)
-    return ranks
+    pos, b = [0] * len(offsets), room
+    for i in range(len(offsets) - 1, -1, -1):
+        pos[i] = int(choices[i][b])
+        b -= offsets[i][pos[i]] // unit
+    return pos

@@ -34,6 +34,7 @@ class SkipReason(str, Enum):
     NOT_REWRITABLE = "not-rewritable"
     TOO_NARROW = "too-narrow"
     ABOVE_BREAK_EVEN = "above-break-even"
+    KEPT_WHOLE = "kept-whole"  # a global budget does better leaving this layer whole
     NON_FINITE = "non-finite"
     MODULE_TYPE = "module-type"
     ATTENTION_OUT_PROJ = "attention-out-proj"
