@@ -177,13 +177,15 @@ def _allocate(out: list[LayerPlan], budgeted: list[int], config: FactorizeConfig
         sum(_cost(p.geometry, metric, None) for p in pinned)
     fixed = sum(_cost(p.geometry, metric, p.rank) for p in pinned)
     budget = policy.fraction * before - fixed
+    # measured effect on the model output (a live run over data): used when every budgeted layer has one
+    weighed = bool(members) and all(out[i].sensitivity is not None for i in members)
     items = []
     for i in members:
         geo = out[i].geometry
         base = _cost(geo, metric, 0)
         items.append(BudgetLayer(out[i].name, _spectrum(out[i]), _cost(geo, metric, 1) - base, base,
                                  round_down(geo.break_even_rank, step), whole_cost=_cost(geo, metric, None),
-                                 min_dim=geo.min_dim))
+                                 min_dim=geo.min_dim, weight=out[i].sensitivity if weighed else 1.0))
     try:
         ranks = allocate_budget(items, budget, step)
     except BudgetError as e:
@@ -202,5 +204,9 @@ def _allocate(out: list[LayerPlan], budgeted: list[int], config: FactorizeConfig
     kept = f", {whole} of them kept whole" if whole else ""
     if not before:
         return f"{metric.value} budget: no layers"
+    weights = ("each layer's error weighed by its measured effect on the model output (model-output error per "
+               "unit of layer output error, on the first calibration samples)") if weighed else \
+        "every layer's squared error counted alike" + (" (whitened: output error)" if any(
+            out[i].calibrated for i in members) else " (weight error)")
     return (f"{metric.value} budget: the budgeted layers keep {spent:,} of {before:,} "
-            f"({spent / before:.4f}; target {policy.fraction:g}){kept}")
+            f"({spent / before:.4f}; target {policy.fraction:g}){kept}; {weights}")
