@@ -117,16 +117,22 @@ def _no_init(transformers: Any) -> Any:
 
 def _name_mapper(model: Any, tensors: dict[str, Any]) -> Any:
     """Checkpoint key -> model key: the base model's prefix is added or dropped when only that differs
-    (``h.0.attn.c_attn.weight`` in a GPT2LMHeadModel is ``transformer.h.0.attn.c_attn.weight``)."""
+    (``h.0.attn.c_attn.weight`` in a GPT2LMHeadModel is ``transformer.h.0.attn.c_attn.weight``, and a
+    GPT2Model reads a GPT2LMHeadModel's ``transformer.h.0...``). A factorized pair's keys
+    (``<layer>.module0.weight``) follow their layer, which the model has before conversion."""
     expected = set(model.state_dict())
+    modules = {name for name, _ in model.named_modules()}
     prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def known(key: str) -> bool:
+        return key in expected or key.rsplit(".", 2)[0] in modules and key.rsplit(".", 1)[0] not in modules
 
     def name(key: str) -> str:
         if key in expected or not prefix:
             return key
-        if f"{prefix}.{key}" in expected or any(e.startswith(f"{prefix}.{key.rsplit('.', 2)[0]}.") for e in expected):
+        if known(f"{prefix}.{key}"):
             return f"{prefix}.{key}"
-        if key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
+        if key.startswith(prefix + ".") and known(key[len(prefix) + 1:]):
             return key[len(prefix) + 1:]
         return key
 
