@@ -201,6 +201,9 @@ def test_plan_of_a_model_folder_is_one_checkpoint(cli, tmp_path):
     planned = {e["name"] for e in r.json["layers"] if e["action"] == "factorize"}
     assert planned == {f"transformer.h.{i}.{n}" for i in range(2)
                        for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    r = cli("apply", source, tmp_path / "small.safetensors", *ARGS)  # a file output: the weights alone
+    assert r.code == 0, r.stderr
+    assert set(read_rank_map(tmp_path / "small.safetensors")) == planned
 
 
 def test_a_folder_of_model_folders_is_a_batch_of_models(cli, tmp_path):

@@ -2,7 +2,8 @@
 
 Input formats are recognised by content, not by name. A state dict's output format follows the
 output path (``.safetensors``, a ``torch.save`` file that keeps the input's container, or a
-directory of shards: the input's shard format and names when it was sharded, else safetensors);
+directory of shards: the input's shard format and names when it was sharded, else safetensors;
+a Hugging Face model folder, :mod:`factorize_cli.formats.hfmodel`, gives a model folder);
 a TorchScript archive or a ``.pt2`` program is written back in its own format. Each opened
 checkpoint carries its format's ``handler`` (:class:`factorize_cli.formats.base.Format`).
 """
