@@ -1,8 +1,9 @@
 """Many inputs: find the checkpoints, pair each with its output, run each, keep going.
 
-- A file, a sharded checkpoint folder (it holds a shard index), or ``-`` (stdin) is one checkpoint.
+- A file, a sharded checkpoint folder (it holds a shard index), a Hugging Face model folder (it
+  holds a ``config.json``), or ``-`` (stdin) is one checkpoint.
 - Any other directory is searched (sorted, recursively) for files matching the globs; a
-  sharded directory found inside counts as one checkpoint and is not searched further.
+  sharded or model folder found inside counts as one checkpoint and is not searched further.
 - ``apply`` with one checkpoint writes to OUTPUT as given. With several (or a searched
   directory) OUTPUT is a folder that mirrors the inputs' relative paths: a single searched
   directory mirrors its contents, several inputs keep their own names under OUTPUT.
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from factorize_cli.errors import InputError, UsageError
+from factorize_cli.formats.hfmodel import is_model_folder
 from factorize_cli.formats.sharded import is_sharded
 
 STDIN = "-"
@@ -34,6 +36,11 @@ class Job:
     report: Path | None = None  # apply only, when the default name would collide
 
 
+def _one_checkpoint(directory: Path) -> bool:
+    """A folder read as one checkpoint, never searched: shards with their index, or a model folder."""
+    return is_sharded(directory) or is_model_folder(directory)
+
+
 def _search(directory: Path, globs: Sequence[str]) -> Iterator[Path]:
     for dirpath, dirnames, filenames in os.walk(directory):
         here = Path(dirpath)
@@ -43,7 +50,7 @@ def _search(directory: Path, globs: Sequence[str]) -> Iterator[Path]:
             child = here / name
             if name.startswith("."):
                 continue  # our own temporaries, VCS folders
-            if is_sharded(child):
+            if _one_checkpoint(child):
                 yield child
             else:
                 keep.append(name)
@@ -62,7 +69,7 @@ def discover(inputs: Sequence[str], globs: Sequence[str] = DEFAULT_GLOBS) -> tup
             found.append((STDIN, "stdin"))
             continue
         path = Path(raw)
-        if path.is_dir() and not is_sharded(path):
+        if path.is_dir() and not _one_checkpoint(path):
             mirror = True
             hits = sorted(_search(path, globs))
             if not hits:

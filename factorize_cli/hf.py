@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from factorize_cli.errors import InputError, UsageError
+from factorize_cli.formats.hfmodel import is_model_folder
 from factorize_cli.orientation import CONFIG_NAME
+
+__all__ = ["import_transformers", "is_model_folder", "load_pretrained", "model_class", "rank_map"]
 
 
 def import_transformers() -> Any:
@@ -32,11 +35,6 @@ def import_transformers() -> Any:
         raise UsageError("Hugging Face folders need transformers: pip install 'factorize-cli[hf]'") from None
     transformers.utils.logging.set_verbosity_error()
     return transformers
-
-
-def is_model_folder(path: str | os.PathLike) -> bool:
-    """A folder holding a ``config.json``: a Hugging Face model."""
-    return Path(path).is_dir() and (Path(path) / CONFIG_NAME).is_file()
 
 
 def model_class(folder: Path) -> tuple[Any, Any]:
@@ -65,7 +63,7 @@ def rank_map(folder: Path) -> dict[str, int]:
     from factorize_cli.modules import read_rank_map
 
     try:
-        return read_rank_map(folder if _has_index(folder) else _single_weights(folder))
+        return read_rank_map(folder)
     except InputError:
         return {}
 
@@ -85,7 +83,7 @@ def load_pretrained(folder: str | os.PathLike, *, device: str = "cpu", dtype: An
     transformers = import_transformers()
     with _no_init(transformers):
         model = cls(config)
-    with open_checkpoint(folder if _has_index(folder) else _single_weights(folder)) as checkpoint:
+    with open_checkpoint(folder) as checkpoint:  # the weights transformers would read, in any layout
         tensors = {info.key: checkpoint.get(info.key) for info in checkpoint.infos}
     if dtype is None:
         floating = [t.dtype for t in tensors.values() if t.is_floating_point()]
@@ -119,16 +117,22 @@ def _no_init(transformers: Any) -> Any:
 
 def _name_mapper(model: Any, tensors: dict[str, Any]) -> Any:
     """Checkpoint key -> model key: the base model's prefix is added or dropped when only that differs
-    (``h.0.attn.c_attn.weight`` in a GPT2LMHeadModel is ``transformer.h.0.attn.c_attn.weight``)."""
+    (``h.0.attn.c_attn.weight`` in a GPT2LMHeadModel is ``transformer.h.0.attn.c_attn.weight``, and a
+    GPT2Model reads a GPT2LMHeadModel's ``transformer.h.0...``). A factorized pair's keys
+    (``<layer>.module0.weight``) follow their layer, which the model has before conversion."""
     expected = set(model.state_dict())
+    modules = {name for name, _ in model.named_modules()}
     prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def known(key: str) -> bool:
+        return key in expected or key.rsplit(".", 2)[0] in modules and key.rsplit(".", 1)[0] not in modules
 
     def name(key: str) -> str:
         if key in expected or not prefix:
             return key
-        if f"{prefix}.{key}" in expected or any(e.startswith(f"{prefix}.{key.rsplit('.', 2)[0]}.") for e in expected):
+        if known(f"{prefix}.{key}"):
             return f"{prefix}.{key}"
-        if key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
+        if key.startswith(prefix + ".") and known(key[len(prefix) + 1:]):
             return key[len(prefix) + 1:]
         return key
 
@@ -140,19 +144,6 @@ def _untied(model: Any, missing: list[str]) -> list[str]:
     state = model.state_dict()
     loaded = {t.untyped_storage().data_ptr() for k, t in state.items() if k not in missing and t.numel()}
     return [k for k in missing if state[k].untyped_storage().data_ptr() not in loaded]
-
-
-def _has_index(folder: Path) -> bool:
-    from factorize_cli.formats.sharded import is_sharded
-
-    return is_sharded(folder)
-
-
-def _single_weights(folder: Path) -> Path:
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
-            return folder / name
-    raise InputError(f"{folder}: no model.safetensors or pytorch_model.bin")
 
 
 def read_config(folder: Path) -> dict:

@@ -150,13 +150,18 @@ def convert_to_factorized(model: nn.Module, ranks: Mapping[str, int], *, from_we
 
 
 def read_rank_map(path: str | Path) -> dict[str, int]:
-    """The ``{layer: rank}`` map of a factorized output (safetensors metadata or sharded index) or a report."""
+    """The ``{layer: rank}`` map of a factorized output or its JSON report. A folder output keeps it in its
+    shard index, its ``model.safetensors`` metadata, or (a single ``pytorch_model.bin``) a sidecar file."""
     from factorize_cli.outputs import RANKS_METADATA_KEY
 
     path = Path(path)
     if path.is_dir():
-        from factorize_cli.formats.sharded import find_index
-        meta = json.loads(find_index(path).read_text()).get("metadata", {})
+        from factorize_cli.formats.hfmodel import rank_map_source
+
+        path, kind = rank_map_source(path)
+        if kind == "safetensors":
+            return read_rank_map(path)
+        meta = json.loads(path.read_text()).get("metadata", {})
         raw = meta.get(RANKS_METADATA_KEY)
     elif path.suffix == ".json":
         report = json.loads(path.read_text())

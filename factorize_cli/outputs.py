@@ -88,21 +88,42 @@ def _check_existing(path: Path, what: str, *, force: bool) -> None:
 def not_an_earlier_output(folder: Path) -> str | None:
     """None when ``folder`` is an earlier output of this tool holding nothing else; else why not."""
     try:
-        entries = {p.name for p in folder.iterdir()}
+        files, folders = _tree(folder)
     except OSError as e:
         return f"it cannot be listed ({e.strerror})"
-    ours = _listed_in_marker(folder) if MARKER in entries else _listed_in_index(folder, entries)
+    top = {name for name in files | folders if "/" not in name}
+    ours = _listed_in_marker(folder) if MARKER in files else _listed_in_index(folder, top)
     if ours is None:
         return "this folder is not one of its outputs"
-    others = sorted(entries - ours - {MARKER})
+    others = sorted(files - ours - {MARKER})
     if others:
         more = f" and {len(others) - 1} more" if len(others) > 1 else ""
         return f"it holds {others[0]!r}{more}, which factorize did not write"
-    for name in entries:
-        entry = folder / name
-        if entry.is_dir() and not entry.is_symlink():
-            return f"it holds a folder {name!r}"
+    holding = {p.as_posix() for name in ours for p in Path(name).parents if p != Path(".")}
+    extra = sorted(folders - holding)
+    if extra:
+        return f"it holds a folder {extra[0]!r}"
     return None
+
+
+def _tree(folder: Path) -> tuple[set[str], set[str]]:
+    """Relative paths of the files (links included) and of the real folders under ``folder``."""
+    files: set[str] = set()
+    folders: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=_raise):
+        here = Path(dirpath).relative_to(folder)
+        for name in list(dirnames):
+            if (Path(dirpath) / name).is_symlink():
+                dirnames.remove(name)
+                filenames.append(name)
+            else:
+                folders.add((here / name).as_posix())
+        files.update((here / name).as_posix() for name in filenames)
+    return files, folders
+
+
+def _raise(error: OSError) -> None:
+    raise error
 
 
 def _listed_in_marker(folder: Path) -> set[str] | None:
@@ -111,9 +132,15 @@ def _listed_in_marker(folder: Path) -> set[str] | None:
         files = marker["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not isinstance(files, list) or not all(isinstance(f, str) and "/" not in f for f in files):
+    if not isinstance(files, list) or not all(isinstance(f, str) and _relative(f) for f in files):
         return None
     return set(files)
+
+
+def _relative(name: str) -> bool:
+    """A plain relative path inside the folder (a model folder's copied subfolders: ``1_Pooling/config.json``)."""
+    parts = name.split("/")
+    return bool(name) and "\\" not in name and all(part not in ("", ".", "..") for part in parts)
 
 
 def _listed_in_index(folder: Path, entries: set[str]) -> set[str] | None:

@@ -74,10 +74,10 @@ def test_bin_shards_are_one_checkpoint(tmp_path):
         assert ckpt.format == "torch-sharded"
         assert {i.key for i in ckpt.infos} == set(sd)
     report = apply_checkpoint(folder, tmp_path / "out", CONFIG)
-    assert report["output"]["format"] == "torch-sharded"
+    assert report["output"]["format"] == "hf-model"  # config.json beside the shards: a model folder, copied
     out_folder = tmp_path / "out"
     assert sorted(p.name for p in out_folder.iterdir() if not p.name.startswith(".")) == [
-        *SHARDS, "pytorch_model.bin.index.json"]
+        "config.json", *SHARDS, "pytorch_model.bin.index.json"]
     out = load_bin_folder(out_folder)
     index = json.loads((out_folder / "pytorch_model.bin.index.json").read_text())
     assert index["weight_map"]["fc1.module1.bias"] == index["weight_map"]["fc1.module0.weight"]

@@ -17,6 +17,8 @@ Examples:
 
   factorize apply shards/ shards-lowrank/ --exclude 'lm_head'      (a sharded directory)
 
+  factorize apply all-MiniLM-L6-v2/ minilm-small/                  (a model folder: config, tokenizer... copied)
+
   factorize apply ckpts/ small/ --jsonl                            (mirror every checkpoint under ckpts/)
 
   cat model.safetensors | factorize apply - small.safetensors
@@ -30,9 +32,10 @@ Examples:
 def apply(
     checkpoints: Annotated[list[str], typer.Argument(
         metavar="CHECKPOINT... OUTPUT", show_default=False,
-        help="Inputs (files, sharded directories, folders to search, or - for stdin), then where to write: "
-             ".safetensors, .pt/.pth/.bin/.ckpt (keeps the input's container), or a directory (sharded "
-             "safetensors). Several inputs or a searched folder: OUTPUT is a folder mirroring their paths.")],
+        help="Inputs (files, sharded directories, Hugging Face model folders, folders to search, or - for "
+             "stdin), then where to write: .safetensors, .pt/.pth/.bin/.ckpt (keeps the input's container), or "
+             "a directory (sharded safetensors; a model folder of the same shape for a model folder). Several "
+             "inputs or a searched folder: OUTPUT is a folder mirroring their paths.")],
     config: Any = None,
     unsafe_pickle: bool = False,
     force: Force = False,

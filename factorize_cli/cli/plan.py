@@ -27,7 +27,8 @@ Examples:
 def plan(
     checkpoints: Annotated[list[str], typer.Argument(
         metavar="CHECKPOINT...", show_default=False,
-        help="torch.save files, .safetensors files, sharded directories, folders to search, or - for stdin.")],
+        help="torch.save files, .safetensors files, sharded directories, Hugging Face model folders, "
+             "folders to search, or - for stdin.")],
     config: Any = None,
     unsafe_pickle: bool = False,
     spectra: Annotated[bool | None, typer.Option(

@@ -2,7 +2,8 @@
 
 Input formats are recognised by content, not by name. A state dict's output format follows the
 output path (``.safetensors``, a ``torch.save`` file that keeps the input's container, or a
-directory of shards: the input's shard format and names when it was sharded, else safetensors);
+directory of shards: the input's shard format and names when it was sharded, else safetensors;
+a Hugging Face model folder, :mod:`factorize_cli.formats.hfmodel`, gives a model folder);
 a TorchScript archive or a ``.pt2`` program is written back in its own format. Each opened
 checkpoint carries its format's ``handler`` (:class:`factorize_cli.formats.base.Format`).
 """
@@ -36,6 +37,7 @@ class OutputKind(str, Enum):
     TORCH = "torch"
     TORCHSCRIPT = "torchscript"
     TORCH_EXPORT = "torch-export"
+    HF_MODEL = "hf-model"  # a Hugging Face model folder: its weights in their own layout, every other file copied
 
 
 def sniff(path: Path) -> str:
@@ -75,6 +77,9 @@ def open_checkpoint(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> 
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     if path.is_dir():
+        from factorize_cli.formats.hfmodel import is_model_folder, open_model_folder
+        if is_model_folder(path):
+            return open_model_folder(path, unsafe_pickle=unsafe_pickle)
         from factorize_cli.formats.sharded import open_sharded
         return open_sharded(path, unsafe_pickle=unsafe_pickle)
     try:
@@ -142,31 +147,39 @@ def write_checkpoint(checkpoint: Checkpoint, layout: Sequence, tensors: Iterator
 
 def _write_shards(checkpoint: Checkpoint, layout: Sequence, tensors: Iterator, dest: Path, metadata: dict[str, str],
                   max_shard_bytes: int, before_commit: Callable[[Path], None]) -> list[str]:
-    """A folder of shards in the input's shard format (``torch.save`` shards for a ``.bin`` index),
-    its index, and our marker."""
+    """A folder of shards in the input's shard format, its index, and our marker."""
     from factorize_cli import __version__
     from factorize_cli.atomic import atomic_path
+    from factorize_cli.outputs import write_marker
+
+    with atomic_path(dest, directory=True) as tmp:
+        names = write_shard_set(checkpoint, layout, tensors, tmp, metadata, max_shard_bytes)
+        write_marker(tmp, names, f"factorize {__version__}")
+        before_commit(tmp)
+    return [str(dest / name) for name in names]
+
+
+def write_shard_set(checkpoint: Checkpoint, layout: Sequence, tensors: Iterator, folder: Path,
+                    metadata: dict[str, str], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """Shards in the input's shard format (``torch.save`` shards for a ``.bin`` index) and their index,
+    written into ``folder`` (already a temporary); the names written, index last."""
     from factorize_cli.formats.safetensors import write_safetensors
     from factorize_cli.formats.sharded import DEFAULT_INDEX, TORCH_INDEX, write_index
-    from factorize_cli.outputs import write_marker
 
     index_name = checkpoint.index_name or DEFAULT_INDEX
     torch_shards = index_name.endswith(TORCH_INDEX)
     shards = assign_shards(checkpoint, layout, max_shard_bytes)
-    with atomic_path(dest, directory=True) as tmp:
-        weight_map = {}
-        for name, entries in shards.items():
-            chunk = itertools.islice(tensors, len(entries))
-            if torch_shards:
-                from factorize_cli.formats.torchfile import save_torch
-                save_torch({e.key: t for e, t in zip(entries, chunk, strict=True)}, tmp / name)
-            else:
-                write_safetensors(tmp / name, entries, chunk, {**checkpoint.metadata, **metadata})
-            weight_map.update({e.key: name for e in entries})
-        write_index(tmp / index_name, weight_map, sum(e.nbytes for e in layout), metadata)
-        write_marker(tmp, [*shards, index_name], f"factorize {__version__}")
-        before_commit(tmp)
-    return [str(dest / name) for name in shards] + [str(dest / index_name)]
+    weight_map = {}
+    for name, entries in shards.items():
+        chunk = itertools.islice(tensors, len(entries))
+        if torch_shards:
+            from factorize_cli.formats.torchfile import save_torch
+            save_torch({e.key: t for e, t in zip(entries, chunk, strict=True)}, folder / name)
+        else:
+            write_safetensors(folder / name, entries, chunk, {**checkpoint.metadata, **metadata})
+        weight_map.update({e.key: name for e in entries})
+    write_index(folder / index_name, weight_map, sum(e.nbytes for e in layout), metadata)
+    return [*shards, index_name]
 
 
 def assign_shards(checkpoint: Checkpoint, layout: Sequence, max_shard_bytes: int) -> dict[str, list]:

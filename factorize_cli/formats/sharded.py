@@ -67,8 +67,8 @@ class _ShardReader:
             f.close()
 
 
-def open_sharded(directory: Path, *, unsafe_pickle: bool = False) -> Checkpoint:
-    index_path = find_index(directory)
+def open_sharded(directory: Path, *, unsafe_pickle: bool = False, index_path: Path | None = None) -> Checkpoint:
+    index_path = index_path or find_index(directory)
     try:
         index = json.loads(index_path.read_text())
         weight_map = index["weight_map"]
