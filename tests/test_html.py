@@ -28,7 +28,8 @@ def test_html_report(cli, toy_safetensors, tmp_path, command):
     assert embedded(page) == report
     done = [e for e in report["layers"] if e["action"] == "factorize"]
     figures = re.findall(r'<figure class=spectrum data-layer="([^"]+)">\s*<svg', page)
-    assert figures == [e["name"] for e in done] and len(done) == 3
+    assert figures == [e["name"] for e in done] and len(done) == 2  # the budget keeps the third whole
+    assert [e["reason"] for e in report["layers"] if e["action"] == "skip"].count("kept-whole") == 1
     assert page.count("<figure class=tradeoff><svg") == 1
     assert report["tradeoff"]["chosen"]["params_fraction"] <= 0.5
     for e in report["layers"]:  # the table shows the report's numbers

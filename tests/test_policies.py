@@ -253,7 +253,7 @@ def test_budget_policy_through_the_planner(metric):
     ranks = [p.layer(f"fc{i}").rank for i in range(1, 4)]
     assert ranks == sorted(ranks, reverse=True)  # slower decay, more rank
     assert f"{metric.value} budget: the budgeted layers keep {after:,} of {before:,}" in p.notes[-1]
-    assert p.notes[-1].endswith("1 of them kept whole")
+    assert "1 of them kept whole; every layer's squared error counted alike (weight error)" in p.notes[-1]
 
 
 def test_pins_win_and_obey_break_even():

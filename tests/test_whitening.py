@@ -81,7 +81,7 @@ def test_one_whitening_per_input_across_plan_and_apply(cli, tmp_path, block, cou
     jsonschema.validate(r.json, load_schema())
     layers = {e["name"]: e for e in r.json["layers"]}
     done = [n for n, e in layers.items() if e["action"] == "factorize"]
-    assert len(done) >= 5 and all(layers[n]["calibrated"] for n in done)
+    assert len(done) >= (5 if policy == "ratio" else 2) and all(layers[n]["calibrated"] for n in done)
     assert sorted(calls) == [48, 48, 48, 96]  # once per distinct input, planning's reused by apply
     if policy == "params:0.8":  # spectra: planning's pairs were spilled for apply, then deleted
         assert len(spills) == 1
@@ -145,8 +145,9 @@ def test_failed_whitening_falls_back_to_plain_svd_with_the_reason(cli, tmp_path,
                                600)
     save_file(state_dict, str(tmp_path / "m.safetensors"))
     save_activation_stats(stats, tmp_path / "s.safetensors")
+    pin = ["--rank", f"{o}=8"] if policy != "ratio" else []  # else the budget may keep it whole
     r = cli("apply", tmp_path / "m.safetensors", tmp_path / "out.safetensors", "--calibration",
-            tmp_path / "s.safetensors", "--rank-policy", policy, *FLAGS)
+            tmp_path / "s.safetensors", "--rank-policy", policy, *FLAGS, *pin)
     assert r.code == 0, r.stderr
     jsonschema.validate(r.json, load_schema())
     layers = {e["name"]: e for e in r.json["layers"]}
