@@ -24,6 +24,8 @@ from typing import Any
 from factorize_cli.errors import InputError, UsageError
 
 JSONL_SUFFIXES = (".jsonl",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
 
 
 @dataclass(frozen=True)
@@ -95,12 +97,17 @@ def load_tokenizer(folder: str | Path) -> Any:
     from factorize_cli.errors import describe
     from factorize_cli.hf import import_transformers
 
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); the data is "
+                         "tokenized with the model folder's own tokenizer")
     transformers = import_transformers()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
                                                                trust_remote_code=False)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a missing tokenizer
         raise InputError(f"{folder}: no tokenizer transformers can load offline ({describe(e, 160)})") from None
+    if len(tokenizer) <= len(getattr(tokenizer, "all_special_tokens", ())):  # transformers 5 builds an empty one
+        raise InputError(f"{folder}: the tokenizer transformers loads from this folder has no vocabulary")
     if getattr(tokenizer, "pad_token", None) is None:
         if getattr(tokenizer, "eos_token", None) is None:
             raise InputError(f"{folder}: the tokenizer has neither a pad token nor an end-of-sequence token to pad with")
