@@ -37,6 +37,7 @@ def _root(
 
 from factorize_cli.cli import apply as _apply_cmd  # noqa: E402,F401  (registers the command)
 from factorize_cli.cli import calibrate as _calibrate_cmd  # noqa: E402,F401
+from factorize_cli.cli import evaluate as _evaluate_cmd  # noqa: E402,F401
 from factorize_cli.cli import plan as _plan_cmd  # noqa: E402,F401
 
 

@@ -1,4 +1,5 @@
-"""``factorize calibrate``: activation statistics of a TorchScript or .pt2 model, for --calibration."""
+"""``factorize calibrate``: activation statistics for --calibration, from a Hugging Face folder run on text,
+or a TorchScript / .pt2 program run on saved input batches."""
 
 import json
 from pathlib import Path
@@ -11,32 +12,59 @@ from factorize_cli.cli import app
 EPILOG = """\
 Examples:
 
+  factorize calibrate gpt2/ texts.jsonl stats.safetensors --samples 256 --seq-len 512
+
+  factorize apply gpt2/model.safetensors small.safetensors --calibration stats.safetensors --rank-policy params:0.8
+
   factorize calibrate model.jit batches.pt stats.safetensors
 
-  factorize apply model.jit small.jit --calibration stats.safetensors --rank-policy params:0.8
+MODEL a Hugging Face folder (config.json, tokenizer, weights): DATA is text, tokenized with the folder's
+tokenizer: a text file (one sample per non-empty line), a .jsonl file (a "text" field per record) or a folder
+of .txt files. Statistics are keyed by the layer names of the folder's checkpoint, as apply reads them.
 
-BATCHES: torch.save of a tensor (one batch) or of a list of batches, each a tensor or a tuple of
-positional inputs. It is loaded with weights_only=True.
+MODEL a TorchScript archive or .pt2 program: DATA is a torch.save of a tensor (one batch) or of a list of
+batches, each a tensor or a tuple of positional inputs, loaded with weights_only=True.
 """
+
+TEXT = "Text data (Hugging Face folders)"
 
 
 @app.command(epilog=EPILOG)
 def calibrate(
-    model: Annotated[Path, typer.Argument(help="A TorchScript archive or a torch.export .pt2 program.",
-                                          show_default=False)],
-    inputs: Annotated[Path, typer.Argument(help="torch.save'd input batches.", show_default=False)],
+    model: Annotated[Path, typer.Argument(
+        help="A Hugging Face model folder, a TorchScript archive or a torch.export .pt2 program.",
+        show_default=False)],
+    inputs: Annotated[Path, typer.Argument(
+        metavar="DATA", help="Text (for a folder) or torch.save'd input batches (for a program).", show_default=False)],
     stats: Annotated[Path, typer.Argument(help="Where to write the statistics (.safetensors).", show_default=False)],
+    samples: Annotated[int, typer.Option("--samples", min=1, metavar="N", rich_help_panel=TEXT,
+                                         help="Use the first N samples.")] = 512,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=1, metavar="L", rich_help_panel=TEXT,
+                                         help="Truncate each sample to L tokens.")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, metavar="B", rich_help_panel=TEXT,
+                                            help="Samples per forward pass.")] = 8,
     device: Annotated[str, typer.Option("--device", help="Run the model on this device (cpu, cuda[:N]).")] = "cpu",
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing STATS file.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
 ) -> None:
-    """Run the model on input batches and record each layer's input second moment."""
+    """Run the model on data and record each layer's input second moment."""
     import sys
 
     from factorize_cli.cli.options import _device
-    from factorize_cli.graphs.calibrate import calibrate_checkpoint
+    from factorize_cli.hf import is_model_folder
 
-    summary = calibrate_checkpoint(model, inputs, stats, device=_device(device), force=force)
+    if is_model_folder(model):
+        from factorize_cli.cli.render import RichProgress
+        from factorize_cli.hfcalibrate import calibrate_folder
+        from factorize_cli.textdata import TextDataConfig
+
+        config = TextDataConfig(samples=samples, seq_len=seq_len, batch_size=batch_size)
+        summary = calibrate_folder(model, inputs, stats, config=config, device=_device(device), force=force,
+                                   progress=RichProgress(not quiet))
+    else:
+        from factorize_cli.graphs.calibrate import calibrate_checkpoint
+
+        summary = calibrate_checkpoint(model, inputs, stats, device=_device(device), force=force)
     if not quiet:
         rows = sum(summary["layers"].values())
         print(f"wrote {summary['stats']}: {len(summary['layers'])} layers, {summary['batches']} batches, "

@@ -134,16 +134,10 @@ def calibrate_exported(program, layers: dict[str, tuple[int, ...]], batches: Ite
     return stats
 
 
-def calibrate_checkpoint(model: str | Path, inputs: str | Path, stats: str | Path, *, device: str = "cpu",
-                         force: bool = False) -> dict[str, Any]:
-    """Run a TorchScript or .pt2 model on saved inputs and write each candidate layer's statistics."""
-    from factorize_cli.calibration import save_activation_stats
-    from factorize_cli.errors import InputError, UsageError, describe
-    from factorize_cli.formats import open_checkpoint
-    from factorize_cli.outputs import check_targets
+def load_batches(inputs: str | Path, device: str = "cpu") -> list:
+    """Input batches saved with torch.save (a tensor, or a list of tensors or tuples of tensors), on ``device``."""
+    from factorize_cli.errors import InputError, describe
 
-    stats, model = Path(stats), Path(model)
-    check_targets({"statistics": stats}, [model, Path(inputs)], force=force)
     try:
         loaded = torch.load(inputs, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -158,7 +152,20 @@ def calibrate_checkpoint(model: str | Path, inputs: str | Path, stats: str | Pat
         batches = list(loaded)
     else:
         raise InputError(f"{inputs}: expected a tensor or a list of batches (tensors or tuples of tensors)")
-    batches = [tuple(t.to(device) for t in b) if isinstance(b, (list, tuple)) else b.to(device) for b in batches]
+    return [tuple(t.to(device) for t in b) if isinstance(b, (list, tuple)) else b.to(device) for b in batches]
+
+
+def calibrate_checkpoint(model: str | Path, inputs: str | Path, stats: str | Path, *, device: str = "cpu",
+                         force: bool = False) -> dict[str, Any]:
+    """Run a TorchScript or .pt2 model on saved inputs and write each candidate layer's statistics."""
+    from factorize_cli.calibration import save_activation_stats
+    from factorize_cli.errors import InputError, describe
+    from factorize_cli.formats import open_checkpoint
+    from factorize_cli.outputs import check_targets
+
+    stats, model = Path(stats), Path(model)
+    check_targets({"statistics": stats}, [model, Path(inputs)], force=force)
+    batches = load_batches(inputs, device)
     with open_checkpoint(model) as checkpoint:
         try:
             collected = checkpoint.handler.calibrate(checkpoint, batches, device)

@@ -1,0 +1,130 @@
+"""``factorize calibrate`` for a Hugging Face model folder: statistics from text, keyed like its checkpoint.
+
+The model runs (transformers, offline) on tokenized text (:mod:`factorize_cli.textdata`); forward
+pre-hooks on its ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` and transformers ``Conv1D`` layers collect
+each one's input statistics. They are stored under the layer's name *in the checkpoint*, which is what
+``factorize apply --calibration`` looks up: a GPT2LMHeadModel's ``transformer.h.0.attn.c_attn`` is
+``h.0.attn.c_attn`` in the original GPT-2 file. Layers with no weight of their own in the checkpoint
+(an output head tied to the embeddings) are left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from factorize_cli.progress import Progress, Silent
+from factorize_cli.textdata import TextDataConfig
+
+
+def weights_path(folder: Path) -> Path:
+    """What ``factorize apply`` reads for the folder: the folder itself when sharded, else its weights file."""
+    from factorize_cli.errors import InputError
+    from factorize_cli.formats.sharded import is_sharded
+
+    if is_sharded(folder):
+        return folder
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise InputError(f"{folder}: no model.safetensors, pytorch_model.bin or shard index")
+
+
+def checkpoint_keys(folder: Path) -> set[str]:
+    from factorize_cli.formats import open_checkpoint
+
+    with open_checkpoint(weights_path(folder)) as checkpoint:
+        return {info.key for info in checkpoint.infos}
+
+
+def checkpoint_names(model: Any, keys: set[str]) -> dict[str, str]:
+    """``{module name: checkpoint layer name}`` for each module whose ``.weight`` the checkpoint holds,
+    under its own name or with the base model's prefix added or dropped."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    names = {}
+    for name, module in model.named_modules():
+        if getattr(module, "weight", None) is None or not name:
+            continue
+        forms = [name]
+        if prefix:
+            forms += [name[len(prefix) + 1:]] if name.startswith(prefix + ".") else [f"{prefix}.{name}"]
+        found = next((f for f in forms if f"{f}.weight" in keys), None)
+        if found is not None:
+            names[name] = found
+    return names
+
+
+def collect_token_stats(model: Any, batches: Iterable[dict], layers: Iterable[str]) -> dict[str, Any]:
+    """Like :func:`factorize_cli.calibration.collect_activation_stats`, counting real tokens only: where a
+    layer's input is ``batch x tokens x features``, the rows of padding (attention mask 0) are left out."""
+    import torch
+
+    from factorize_cli.calibration import ActivationStats, _fan_in, input_rows
+    from factorize_cli.orientation import is_transformers_conv1d
+
+    targets = {name: model.get_submodule(name) for name in layers}
+    stats = {name: ActivationStats.empty(_fan_in(m)) for name, m in targets.items()}
+    token_wise = {name: isinstance(m, torch.nn.Linear) or is_transformers_conv1d(m) for name, m in targets.items()}
+    mask: list[Any] = [None]
+
+    def hook(layer, args, name):
+        x = args[0].detach()
+        keep = mask[0]
+        if keep is not None and token_wise[name] and x.dim() == 3 and tuple(x.shape[:2]) == tuple(keep.shape):
+            x = x[keep]  # (real tokens, features)
+        stats[name].add(input_rows(layer, x).cpu())
+
+    handles = [m.register_forward_pre_hook(lambda layer, args, name=name: hook(layer, args, name))
+               for name, m in targets.items()]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                attention = batch.get("attention_mask")
+                mask[0] = attention.bool() if attention is not None else None
+                model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _ticking(batches: Iterable[Any], progress: Progress) -> Iterator[Any]:
+    for i, batch in enumerate(batches, 1):
+        yield batch
+        progress.advance(f"batch {i}")  # the model has run on it
+
+
+def calibrate_folder(folder: str | Path, data: str | Path, stats: str | Path, *,
+                     config: TextDataConfig = TextDataConfig(), device: str = "cpu", force: bool = False,
+                     progress: Progress | None = None) -> dict[str, Any]:
+    """Run the folder's model on DATA and write each layer's input statistics to ``stats``."""
+    from factorize_cli.calibration import _calibrated, save_activation_stats
+    from factorize_cli.errors import InputError, describe
+    from factorize_cli.hf import load_pretrained
+    from factorize_cli.outputs import check_targets
+    from factorize_cli.textdata import text_batches
+
+    folder, data, stats = Path(folder), Path(data), Path(stats)
+    progress = progress or Silent()
+    check_targets({"statistics": stats}, [folder, data], force=force)
+    batches = text_batches(folder, data, config, device)
+    model = load_pretrained(folder, device=device)
+    names = {module: layer for module, layer in checkpoint_names(model, checkpoint_keys(folder)).items()
+             if _calibrated(model.get_submodule(module))}
+    if not names:
+        raise InputError(f"{folder}: no Linear, Conv1d, Conv2d or Conv1D layer of the model has its weight in the "
+                         "checkpoint")
+    progress.start("calibrating", len(batches))
+    try:
+        collected = collect_token_stats(model, _ticking(batches, progress), names)
+    except RuntimeError as e:
+        raise InputError(f"{folder}: running the model on {data} failed ({describe(e)})") from e
+    finally:
+        progress.stop()
+    by_layer = {names[module]: s for module, s in collected.items() if s.count}
+    samples = sum(int(b["input_ids"].shape[0]) for b in batches)
+    save_activation_stats(by_layer, stats, {"model": str(folder), "inputs": str(data), "batches": str(len(batches)),
+                                            "samples": str(samples), "seq_len": str(config.seq_len)})
+    return {"stats": str(stats), "layers": {name: s.count for name, s in sorted(by_layer.items())},
+            "batches": len(batches), "samples": samples}
