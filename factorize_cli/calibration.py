@@ -61,9 +61,13 @@ class ActivationStats:
         self.count += rows.shape[0]
 
 
-def input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The rows the layer's weight matrix multiplies: tokens for a Linear, unfolded patches for a conv."""
+def input_rows(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The rows the layer's weight matrix multiplies: tokens for a Linear, unfolded patches for a conv.
+    ``keep`` (``batch x tokens``, bool: a batch's attention mask) leaves out a token-wise layer's rows of
+    padding when its input is ``batch x tokens x features``."""
     if isinstance(layer, nn.Linear) or is_transformers_conv1d(layer):
+        if keep is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(keep.shape):
+            return x[keep.to(x.device)]
         return x.reshape(-1, x.shape[-1])
     return conv_rows(x, layer.kernel_size, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
                      padding_mode=layer.padding_mode)
@@ -129,6 +133,12 @@ def collect_activation_stats(model: nn.Module, batches: Iterable[Any], *, layers
         for h in handles:
             h.remove()
     return stats
+
+
+def padding_mask(batch: Any) -> torch.Tensor | None:
+    """Which tokens of a keyword batch are real (its ``attention_mask``, as bool), or None."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
 def run_batch(model, batch: Any) -> Any:

@@ -60,28 +60,21 @@ def collect_token_stats(model: Any, batches: Iterable[dict], layers: Iterable[st
     layer's input is ``batch x tokens x features``, the rows of padding (attention mask 0) are left out."""
     import torch
 
-    from factorize_cli.calibration import ActivationStats, _fan_in, input_rows
-    from factorize_cli.orientation import is_transformers_conv1d
+    from factorize_cli.calibration import ActivationStats, _fan_in, input_rows, padding_mask
 
     targets = {name: model.get_submodule(name) for name in layers}
     stats = {name: ActivationStats.empty(_fan_in(m)) for name, m in targets.items()}
-    token_wise = {name: isinstance(m, torch.nn.Linear) or is_transformers_conv1d(m) for name, m in targets.items()}
-    mask: list[Any] = [None]
+    keep: list[Any] = [None]
 
     def hook(layer, args, name):
-        x = args[0].detach()
-        keep = mask[0]
-        if keep is not None and token_wise[name] and x.dim() == 3 and tuple(x.shape[:2]) == tuple(keep.shape):
-            x = x[keep]  # (real tokens, features)
-        stats[name].add(input_rows(layer, x).cpu())
+        stats[name].add(input_rows(layer, args[0].detach(), keep[0]).cpu())
 
     handles = [m.register_forward_pre_hook(lambda layer, args, name=name: hook(layer, args, name))
                for name, m in targets.items()]
     try:
         with torch.no_grad():
             for batch in batches:
-                attention = batch.get("attention_mask")
-                mask[0] = attention.bool() if attention is not None else None
+                keep[0] = padding_mask(batch)
                 model(**batch)
     finally:
         for h in handles:

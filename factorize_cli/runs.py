@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from factorize_cli.calibration import input_rows, run_batch
+from factorize_cli.calibration import input_rows, padding_mask, run_batch
 from factorize_cli.errors import UsageError
 from factorize_cli.geometry import Geometry
 
@@ -140,6 +140,7 @@ class Calibration:
                  geometries: dict[str, Geometry]) -> None:
         self.model, self.data, self.modules, self.geometries = model, data, modules, geometries
         self.batches = 0
+        self.keep: torch.Tensor | None = None  # the running batch's real tokens (attention mask)
         self.calls: Counter[str] = Counter()  # calls per forward on the probe batch
         self.groups = self._probe()
         self.called = {name for group in self.groups for name in group.names}
@@ -172,6 +173,7 @@ class Calibration:
             lambda m, a, k, n=n: hook(m, a, k, name=n), with_kwargs=True) for n in pending]
         try:
             with torch.no_grad():
+                self.keep = padding_mask(batch)  # padding rows are left out of every statistic
                 run_batch(self.model, batch)
         except _Stop:
             pass
@@ -234,7 +236,7 @@ class Calibration:
         sums: dict[str, Paired] = {g.leader: Paired() for g in groups}
 
         def add(name: str, x: torch.Tensor) -> None:
-            rows = input_rows(self.modules[name], x)
+            rows = input_rows(self.modules[name], x, self.keep)
             sums[name].add(rows, rows, {})
 
         self.batches = 0
@@ -264,7 +266,7 @@ class Calibration:
             calls = iter(before)
 
             def add(name: str, x: torch.Tensor) -> None:
-                after = input_rows(layer, x)
+                after = input_rows(layer, x, self.keep)
                 if not changed:
                     sums.add(after, after, weights)
                     return
@@ -272,7 +274,7 @@ class Calibration:
                 if original is None:
                     raise UsageError(f"{name} is called more often by the factorized model than by the original "
                                      "on the same batch: its inputs cannot be paired; pass sequential=False")
-                sums.add(input_rows(layer, original), after, weights)
+                sums.add(input_rows(layer, original, self.keep), after, weights)
 
             self._run(batch, [group.leader], add, early=group.once)
             if next(calls, None) is not None:
