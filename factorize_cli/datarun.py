@@ -78,8 +78,7 @@ class ApplyWithData(_Apply):
         batches = text_batches(self.source, self.data, self.text, device=self.config.device)
         names = _checkpoint_names(model, checkpoint, self.config)
         self.progress.start("calibrating and factorizing", 0)
-        run = run_live(model, self.config, batches, Swaps(model), sequential=self.sequential,
-                       before_work=lambda live: self._early_gate(checkpoint, live, names))
+        run = run_live(model, self.config, batches, Swaps(model), sequential=self.sequential)
         plan = _carried(run.plan, checkpoint, self.config, names)
         self.live_notes = run.notes
         self.methods = {names[n]: m.value for n, m in run.methods.items() if n in names}
@@ -96,12 +95,6 @@ class ApplyWithData(_Apply):
         for entry in report["layers"]:
             entry["method"] = self.methods.get(entry["name"])
         return report
-
-    def _early_gate(self, checkpoint: Checkpoint, live: Any, names: dict[str, str]) -> None:
-        if self.config.needs_spectra:
-            self.checkpoint, self.plan, self.notes = checkpoint, _carried(live.plan, checkpoint, self.config,
-                                                                          names), []
-            self._gate(self.report_now({}))
 
 
 def _checkpoint_names(model: Any, checkpoint: Checkpoint, config: Any) -> dict[str, str]:

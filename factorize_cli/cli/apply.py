@@ -6,7 +6,8 @@ from typing import Annotated, Any
 import typer
 
 from factorize_cli.cli import app
-from factorize_cli.cli.options import Force, Globs, HtmlPath, Jsonl, JsonOut, Quiet, ReportPath, factorize_options
+from factorize_cli.cli.options import (TEXT, BatchSize, Force, Globs, HtmlPath, Jsonl, JsonOut, Quiet, ReportPath,
+                                      Samples, SeqLen, factorize_options)
 
 EPILOG = """\
 Examples:
@@ -24,6 +25,9 @@ Examples:
   cat model.safetensors | factorize apply - small.safetensors
 
   factorize apply model.jit small.jit --verify randn:1,16000 --verify-tol 0.05   (TorchScript)
+
+  factorize apply all-MiniLM-L6-v2/ small/ --data sentences.txt --rank-policy params:0.8 --include 'encoder.*'
+      (a Hugging Face folder calibrated on text and factorized layer by layer, in one command)
 """
 
 
@@ -49,6 +53,19 @@ def apply(
     verify_tol: Annotated[float, typer.Option(
         "--verify-tol", metavar="TOL", help="Fail (exit 1, no output) when --verify's max relative output "
                                             "difference exceeds TOL.")] = 0.1,
+    data: Annotated[Path | None, typer.Option(
+        "--data", metavar="DATA", rich_help_panel=TEXT, show_default=False,
+        help="Hugging Face folders: run the model on this text (a .txt file, one sample per line; a .jsonl with a "
+             "'text' field; or a folder of .txt files) to calibrate and factorize in one go: whitened factors, "
+             "budgets weighed by each layer's measured effect on the output, and layer by layer refits.")] = None,
+    sequential: Annotated[bool, typer.Option(
+        "--sequential/--no-sequential", rich_help_panel=TEXT,
+        help="With --data: factorize in forward order, each layer refit (least squares) to the original layer's "
+             "outputs on the inputs the already factorized layers give it; --no-sequential whitens every layer "
+             "by its inputs in the original model.")] = True,
+    samples: Samples = 512,
+    seq_len: SeqLen = 256,
+    batch_size: BatchSize = 8,
     json_out: JsonOut = False,
     jsonl: Jsonl = False,
     quiet: Quiet = False,
@@ -67,6 +84,12 @@ def apply(
     jobs = apply_jobs(inputs, Path(output), tuple(globs or DEFAULT_GLOBS))
     _single_only(len(jobs), json_out=json_out, report=report, html=html)
 
+    text = None
+    if data is not None:
+        from factorize_cli.textdata import TextDataConfig
+
+        text = TextDataConfig(samples=samples, seq_len=seq_len, batch_size=batch_size)
+
     def work(job):
         job.output.parent.mkdir(parents=True, exist_ok=True)
         with materialized(job.source) as path:
@@ -74,6 +97,7 @@ def apply(
                                     html_path=html, unsafe_pickle=unsafe_pickle,
                                     progress=RichProgress(enabled=not quiet),
                                     label="<stdin>" if job.source == "-" else None,
-                                    verify=verify or (), verify_tol=verify_tol)
+                                    verify=verify or (), verify_tol=verify_tol, data=data, text=text,
+                                    sequential=sequential)
 
     raise typer.Exit(run_jobs(jobs, work, quiet=quiet, jsonl=jsonl, json_out=json_out))

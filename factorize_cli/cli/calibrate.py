@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from factorize_cli.cli import app
+from factorize_cli.cli.options import BatchSize, Samples, SeqLen
 
 EPILOG = """\
 Examples:
@@ -26,9 +27,6 @@ MODEL a TorchScript archive or .pt2 program: DATA is a torch.save of a tensor (o
 batches, each a tensor or a tuple of positional inputs, loaded with weights_only=True.
 """
 
-TEXT = "Text data (Hugging Face folders)"
-
-
 @app.command(epilog=EPILOG)
 def calibrate(
     model: Annotated[Path, typer.Argument(
@@ -37,12 +35,9 @@ def calibrate(
     inputs: Annotated[Path, typer.Argument(
         metavar="DATA", help="Text (for a folder) or torch.save'd input batches (for a program).", show_default=False)],
     stats: Annotated[Path, typer.Argument(help="Where to write the statistics (.safetensors).", show_default=False)],
-    samples: Annotated[int, typer.Option("--samples", min=1, metavar="N", rich_help_panel=TEXT,
-                                         help="Use the first N samples.")] = 512,
-    seq_len: Annotated[int, typer.Option("--seq-len", min=1, metavar="L", rich_help_panel=TEXT,
-                                         help="Truncate each sample to L tokens.")] = 256,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, metavar="B", rich_help_panel=TEXT,
-                                            help="Samples per forward pass.")] = 8,
+    samples: Samples = 512,
+    seq_len: SeqLen = 256,
+    batch_size: BatchSize = 8,
     device: Annotated[str, typer.Option("--device", help="Run the model on this device (cpu, cuda[:N]).")] = "cpu",
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing STATS file.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from factorize_cli.cli import app
+from factorize_cli.cli.options import BatchSize, Samples, SeqLen
 
 EPILOG = """\
 Examples:
@@ -25,9 +26,6 @@ cosine and relative error of the outputs.
 The result is printed as JSON on stdout, with one line on stderr.
 """
 
-TEXT = "Text data (Hugging Face folders)"
-
-
 @app.command(epilog=EPILOG)
 def evaluate(
     original: Annotated[Path, typer.Argument(
@@ -35,12 +33,9 @@ def evaluate(
     factorized: Annotated[Path, typer.Argument(help="The factorized model, of the same kind.", show_default=False)],
     data: Annotated[Path, typer.Option("--data", metavar="DATA", show_default=False,
                                        help="Text (folders) or torch.save'd input batches (programs).")],
-    samples: Annotated[int, typer.Option("--samples", min=1, metavar="N", rich_help_panel=TEXT,
-                                         help="Use the first N samples.")] = 512,
-    seq_len: Annotated[int, typer.Option("--seq-len", min=1, metavar="L", rich_help_panel=TEXT,
-                                         help="Truncate each sample to L tokens.")] = 256,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, metavar="B", rich_help_panel=TEXT,
-                                            help="Samples per forward pass.")] = 8,
+    samples: Samples = 512,
+    seq_len: SeqLen = 256,
+    batch_size: BatchSize = 8,
     device: Annotated[str, typer.Option("--device", help="Run the models on this device (cpu, cuda[:N]).")] = "cpu",
     report: Annotated[Path | None, typer.Option(
         "--report", metavar="R", show_default=False,

@@ -175,3 +175,11 @@ Globs = Annotated[list[str] | None, typer.Option(
 ReportPath = Annotated[str | None, typer.Option("--report", metavar="PATH", help="Write the JSON report here.")]
 Force = Annotated[bool, typer.Option(
     "--force", "-f", help="Replace existing outputs (a folder only when factorize wrote it; never an input).")]
+
+TEXT = "Text data (Hugging Face folders)"
+Samples = Annotated[int, typer.Option("--samples", min=1, metavar="N", rich_help_panel=TEXT,
+                                      help="Use the first N samples.")]
+SeqLen = Annotated[int, typer.Option("--seq-len", min=1, metavar="L", rich_help_panel=TEXT,
+                                     help="Truncate each sample to L tokens.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, metavar="B", rich_help_panel=TEXT,
+                                        help="Samples per forward pass.")]
