@@ -36,8 +36,12 @@ def _within(inner: set[Path], outer: set[Path]) -> bool:
 
 
 def default_report_path(output: Path) -> Path:
-    """``<stem>.factorize.json`` beside the output."""
-    stem = output.stem if output.suffix else output.name
+    """``<stem>.factorize.json`` beside the output: the suffix of a checkpoint file dropped, a folder's whole
+    name kept (``small.v0.9/`` -> ``small.v0.9.factorize.json``)."""
+    from factorize_cli.formats import TORCH_SUFFIXES
+
+    known = (".safetensors", ".pt2", *TORCH_SUFFIXES)
+    stem = output.stem if output.suffix in known and not output.is_dir() else output.name
     return output.parent / f"{stem}.factorize.json"
 
 

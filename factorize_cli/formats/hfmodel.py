@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from factorize_cli.errors import InputError
+from factorize_cli.errors import InputError, UsageError
 from factorize_cli.formats import OutputKind, write_checkpoint, write_shard_set
 from factorize_cli.formats.base import Checkpoint
 from factorize_cli.formats.sharded import INDEX_SUFFIXES
@@ -134,7 +134,12 @@ class ModelFolderFormat(StateDictFormat):
         return found, (*notes, *([read] if read else []))
 
     def output_kind(self, checkpoint: Checkpoint, output: Path) -> OutputKind:
-        kind = super().output_kind(checkpoint, output)
+        try:
+            kind = super().output_kind(checkpoint, output)
+        except UsageError:  # no weights suffix (all-MiniLM-L6-v2.r0.8): a model folder is written as a folder
+            if output.is_file():
+                raise
+            kind = OutputKind.SHARDED
         if kind not in (OutputKind.SHARDED, OutputKind.TORCH_SHARDED):
             return kind
         if not self.folder.sharded:
