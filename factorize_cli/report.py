@@ -17,6 +17,7 @@ from typing import Any
 from factorize_cli import __version__
 from factorize_cli.formats.base import Checkpoint
 from factorize_cli.config import Gates
+from factorize_cli.selection import SkipReason
 from factorize_cli.planning import LayerPlan, Plan
 
 SCHEMA_VERSION = 1
@@ -69,6 +70,9 @@ def _layer_entry(layer: LayerPlan, result: LayerResult | None) -> dict[str, Any]
         achieved_output = result.output_error if result else None
     norm = result.norm if result else (weight_side.norm if weight_side else None)
     output_norm = result.output_norm if result else (output_side.norm if output_side else None)
+    if layer.reason is SkipReason.KEPT_WHOLE and layer.spectrum is not None:  # counts, error 0, in the totals
+        whole_norm = float(layer.spectrum.double().square().sum().sqrt())
+        norm, output_norm = (None, whole_norm) if layer.calibrated else (whole_norm, None)
     return {
         "name": layer.name,
         "kind": geo.kind.value,
@@ -144,10 +148,12 @@ def _tradeoff(plan: Plan, results: dict[str, LayerResult]) -> dict[str, Any] | N
 
 
 def weighted_error(layers: list[dict], key: str, norm: str = "norm") -> float | None:
-    """Energy-weighted relative error over the factorized layers: sqrt(sum e_i^2 n_i^2 / sum n_i^2).
+    """Energy-weighted relative error over the factorized layers and those a budget kept whole (error 0):
+    sqrt(sum e_i^2 n_i^2 / sum n_i^2).
 
     For output errors only the calibrated layers count; None when a needed number is missing."""
-    done = [e for e in layers if e["action"] == "factorize" and (norm == "norm" or e["calibrated"])]
+    done = [e for e in layers if (e["action"] == "factorize" or e["reason"] == SkipReason.KEPT_WHOLE.value)
+            and (norm == "norm" or e["calibrated"])]
     if not done:
         return 0.0 if norm == "norm" else None
     if any(e[key] is None or e[norm] is None for e in done):

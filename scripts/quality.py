@@ -104,7 +104,8 @@ def measure(model_dir: Path, budgets: list[float], steps: list[str], work: Path)
                       "--force", "--quiet")
             result = json.loads(factorize("evaluate", model_dir, out, "--data", work / "held-out.txt",
                                           "--seq-len", "128", "--batch-size", "64"))
-            row[step] = {"mean_cosine": round(result["mean_cosine"], 4), "min_cosine": round(result["min_cosine"], 4)}
+            metrics = result["metrics"]
+            row[step] = {"mean_cosine": round(metrics["cosine_mean"], 4), "min_cosine": round(metrics["cosine_min"], 4)}
             print(f"params:{budget} {step}: {row[step]}", file=sys.stderr)
     return table
 

@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from factorize_cli.html import sparkline
 from tests.conftest import SMALL
@@ -71,3 +72,21 @@ def test_sparkline_shows_decay_on_one_scale():
     line = sparkline(steep)
     assert line[0] == "█" and line[-1] == "▁" and list(line) == sorted(line, reverse=True)
     assert sparkline(None) == "" and sparkline([[1, 0.0]]) == ""
+
+
+def test_budget_totals_count_the_layers_kept_whole(cli, toy_safetensors):
+    """The budget's total predicted error is over every budgeted layer: the ones kept whole add their
+    energy and no error (checked against an independent float64 SVD of each weight)."""
+    from safetensors.torch import load_file
+
+    r = cli("plan", toy_safetensors, *SMALL, "--rank-policy", "params:0.5", "--json", "-q")
+    assert r.code == 0, r.stderr
+    layers = [e for e in r.json["layers"] if e["action"] == "factorize" or e["reason"] == "kept-whole"]
+    assert {e["reason"] for e in layers} == {None, "kept-whole"}
+    weights = load_file(str(toy_safetensors))
+    dropped = energy = 0.0
+    for e in layers:
+        sigma = torch.linalg.svdvals(weights[e["weight_key"]].double().reshape(e["shape"][0], -1))
+        energy += float(sigma.square().sum())
+        dropped += float(sigma[e["rank"]:].square().sum()) if e["rank"] is not None else 0.0
+    assert r.json["totals"]["predicted_error"] == pytest.approx((dropped / energy) ** 0.5, rel=1e-6)
