@@ -101,6 +101,7 @@ def _layer_entry(layer: LayerPlan, result: LayerResult | None) -> dict[str, Any]
         "output_norm": output_norm,
         "engine": result.engine if result else None,
         "spectrum_sample": sample,
+        "sensitivity": layer.sensitivity,
     }
 
 
