@@ -41,6 +41,7 @@ from factorize_cli.formats.base import Checkpoint, TensorInfo, dtype_name, share
 from factorize_cli.geometry import Geometry, LayerKind
 from factorize_cli.orientation import Orientation, module_fact
 from factorize_cli.planning import LayerPlan, Plan, build_plan
+from factorize_cli.progress import Progress, Silent
 from factorize_cli.report import LayerResult, build_report
 from factorize_cli.selection import Candidate, Refusal, SkipReason, screen
 
@@ -116,16 +117,21 @@ class LiveRun:
 
 
 def run_live(model: nn.Module, config: FactorizeConfig, data: Iterable[Any] | None, swaps: Swaps, *,
-             sequential: bool, before_work: Callable[[LiveRun], None] = lambda run: None) -> LiveRun:
+             sequential: bool, before_work: Callable[[LiveRun], None] = lambda run: None,
+             progress: Progress | None = None) -> LiveRun:
     """Plan ``model``'s layers, call ``before_work`` with the plan, then factorize them into ``swaps``
     (the caller undoes the swaps when it fails)."""
     found = _layers(model, shared_storage(model.state_dict()))
     modules = {c.name: m for c, m in found}
     with eval_mode(model) if data is not None else nullcontext():
-        plan, calibration = _plan(model, [c for c, _ in found], modules, config, data)
+        progress = progress or Silent()
+        plan, calibration = _plan(model, [c for c, _ in found], modules, config, data, progress)
         run = LiveRun(plan, calibration.notes(sequential) if calibration is not None else [])
         before_work(run)
-        run.results, run.methods = _execute(plan, modules, config, calibration, swaps, sequential=sequential)
+        progress.start("sequential factors" if sequential and calibration else "factors", len(plan.to_factorize))
+        run.results, run.methods = _execute(plan, modules, config, calibration, swaps, sequential=sequential,
+                                            progress=progress)
+        progress.stop()
     return run
 
 
@@ -206,7 +212,7 @@ def _layers(model: nn.Module, tied: Mapping[str, str]) -> list[tuple[Candidate, 
 
 
 def _plan(model: nn.Module, candidates: list[Candidate], modules: dict[str, nn.Module], config: FactorizeConfig,
-          data: Iterable[Any] | None) -> tuple[Plan, Calibration | None]:
+          data: Iterable[Any] | None, progress: Progress) -> tuple[Plan, Calibration | None]:
     """The CLI's plan for the model's layers; with data, which layers it reaches and (when the policy
     needs spectra) their whitened spectra and, for a budget, each layer's measured output sensitivity."""
     from factorize_cli.factorization import all_finite, choose_engine, singular_values
@@ -220,7 +226,10 @@ def _plan(model: nn.Module, candidates: list[Candidate], modules: dict[str, nn.M
         engines = {c.name: config.svd if config.svd in ("exact", "gram") else choose_engine(c.geometry)
                    for c in finite}
         if calibration is not None:
-            measured = _calibrated_spectra(model, calibration, config, engines)
+            progress.start("whitened spectra and sensitivities" if isinstance(config.policy, BudgetPolicy)
+                           else "whitened spectra", len(calibration.called))
+            measured = _calibrated_spectra(model, calibration, config, engines, progress)
+            progress.stop()
         for c in finite:
             if c.name not in measured.spectra:
                 measured.spectra[c.name] = singular_values(modules[c.name].weight.detach(), c.geometry,
@@ -251,7 +260,7 @@ class _Measured:
 
 
 def _calibrated_spectra(model: nn.Module, calibration: Calibration, config: FactorizeConfig,
-                        engines: Mapping[str, str]) -> _Measured:
+                        engines: Mapping[str, str], progress: Progress) -> _Measured:
     """Whitened spectra of the layers the data reaches; under a budget, also their output sensitivity
     (one run of the first calibration batches per layer, with the layer at its reference rank)."""
     from factorize_cli.factorization import factorize_whitened, whitened_singular_values
@@ -264,6 +273,7 @@ def _calibrated_spectra(model: nn.Module, calibration: Calibration, config: Fact
     for group, moment, _ in calibration.one_shot(calibration.groups):
         pair = _whitening(moment)
         for name in group.names:
+            progress.advance(name)
             if isinstance(pair, str):
                 measured.plain[name] = pair
                 continue
@@ -297,7 +307,7 @@ def _whitening(moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | str:
 
 
 def _execute(plan: Plan, modules: dict[str, nn.Module], config: FactorizeConfig, calibration: Calibration | None,
-             swaps: Swaps, *, sequential: bool) -> tuple[dict[str, LayerResult], dict[str, Method]]:
+             swaps: Swaps, *, sequential: bool, progress: Progress) -> tuple[dict[str, LayerResult], dict[str, Method]]:
     """Compute every planned layer's factors and swap in its pair: plain layers first, then the
     calibrated ones group by group (in forward order when sequential)."""
     from factorize_cli.compensation import compensated_factors
@@ -313,6 +323,7 @@ def _execute(plan: Plan, modules: dict[str, nn.Module], config: FactorizeConfig,
 
     def install(layer: LayerPlan, first: torch.Tensor, second: torch.Tensor) -> None:
         swaps.put(layer.name, _pair(modules[layer.name], layer, first, second))
+        progress.advance(layer.name)
 
     def plain(layer: LayerPlan, fallback: str | None = None) -> None:
         outcome, result = work.factorize(replace(layer, calibrated=False), modules[layer.name].weight.detach())

@@ -73,12 +73,10 @@ class ApplyWithData(_Apply):
             raise UsageError(f"{self.source}: --data runs the model, which needs a Hugging Face model folder "
                              "(config.json beside the weights); for other checkpoints run `factorize calibrate` "
                              "and pass --calibration")
-        self.progress.start("loading the model", 0)
         model = load_pretrained(self.source, device=self.config.device)
         batches = text_batches(self.source, self.data, self.text, device=self.config.device)
         names = _checkpoint_names(model, checkpoint, self.config)
-        self.progress.start("calibrating and factorizing", 0)
-        run = run_live(model, self.config, batches, Swaps(model), sequential=self.sequential)
+        run = run_live(model, self.config, batches, Swaps(model), sequential=self.sequential, progress=self.progress)
         plan = _carried(run.plan, checkpoint, self.config, names)
         self.live_notes = run.notes
         self.methods = {names[n]: m.value for n, m in run.methods.items() if n in names}
