@@ -18,8 +18,8 @@ from typing import Any
 
 from factorize_cli.errors import UsageError
 from factorize_cli.formats.base import Checkpoint
-from factorize_cli.pipeline import _Apply
-from factorize_cli.planning import LayerPlan, Plan
+from factorize_cli.pipeline import ApplyRun
+from factorize_cli.planning import Action, LayerPlan, Plan
 from factorize_cli.report import LayerResult
 from factorize_cli.selection import SkipReason
 from factorize_cli.textdata import TextDataConfig
@@ -55,7 +55,7 @@ class GivenWork:
 
 
 @dataclass
-class ApplyWithData(_Apply):
+class ApplyWithData(ApplyRun):
     """An apply whose plan and factors come from running the model on DATA."""
 
     data: Path = Path()
@@ -119,15 +119,10 @@ def _carried(live: Plan, checkpoint: Checkpoint, config: Any, names: dict[str, s
     for candidate in candidates:
         layer = decided.get(candidate.name)
         if layer is None:
-            layers.append(LayerPlan(candidate, _skip_action(), None, SkipReason.MODULE_TYPE,
+            layers.append(LayerPlan(candidate, Action.SKIP, None, SkipReason.MODULE_TYPE,
                                     "no module of the loaded model holds this weight"))
         else:
             layers.append(replace(layer, candidate=candidate))
     return Plan(source=str(checkpoint.path), format=checkpoint.format, config=config, layers=tuple(layers),
                 notes=(*notes, *live.notes))
 
-
-def _skip_action() -> Any:
-    from factorize_cli.planning import Action
-
-    return Action.SKIP

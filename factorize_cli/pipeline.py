@@ -98,7 +98,7 @@ def plan_checkpoint(path: str | Path, config: FactorizeConfig, *, spectra: bool 
 
 
 @dataclass
-class _Apply:
+class ApplyRun:
     """One apply run's state, stage by stage: prepare, gate early, write (gating before commit), report."""
 
     source: Path
@@ -193,7 +193,7 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
             Path(html_path) if html_path else None, label, [VerifySpec.parse(text) for text in verify],
             verify_tol, progress or Silent())
     if data is None:
-        run = _Apply(*args)
+        run = ApplyRun(*args)
     else:
         from factorize_cli.datarun import ApplyWithData
         from factorize_cli.textdata import TextDataConfig
