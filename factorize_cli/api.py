@@ -121,7 +121,7 @@ def run_live(model: nn.Module, config: FactorizeConfig, data: Iterable[Any] | No
              progress: Progress | None = None) -> LiveRun:
     """Plan ``model``'s layers, call ``before_work`` with the plan, then factorize them into ``swaps``
     (the caller undoes the swaps when it fails)."""
-    found = _layers(model, shared_storage(model.state_dict()))
+    found = model_layers(model, shared_storage(model.state_dict()))
     modules = {c.name: m for c, m in found}
     with eval_mode(model) if data is not None else nullcontext():
         progress = progress or Silent()
@@ -174,7 +174,7 @@ def _view(model: nn.Module) -> Checkpoint:
 _LAYER_TYPES = ((nn.Linear, LayerKind.LINEAR), (nn.Conv1d, LayerKind.CONV1D), (nn.Conv2d, LayerKind.CONV2D))
 
 
-def _layers(model: nn.Module, tied: Mapping[str, str]) -> list[tuple[Candidate, nn.Module]]:
+def model_layers(model: nn.Module, tied: Mapping[str, str]) -> list[tuple[Candidate, nn.Module]]:
     """Candidates from module structure: the layers factorize_ swaps, and subclasses of them (refused,
     so that the report says why they are left alone)."""
     from factorize_cli.modules import FACTORIZED
@@ -263,9 +263,9 @@ def _calibrated_spectra(model: nn.Module, calibration: Calibration, config: Fact
                         engines: Mapping[str, str], progress: Progress) -> _Measured:
     """Whitened spectra of the layers the data reaches; under a budget, also their output sensitivity
     (one run of the first calibration batches per layer, with the layer at its reference rank)."""
-    from factorize_cli.factorization import factorize_whitened, whitened_singular_values
     from factorize_cli.execution import layer_seed
-    from factorize_cli.sensitivity import OutputProbe, approximation, first_samples, reference_rank
+    from factorize_cli.factorization import whitened_singular_values
+    from factorize_cli.sensitivity import OutputProbe, first_samples, layer_sensitivity
 
     measured = _Measured()
     budget = config.policy if isinstance(config.policy, BudgetPolicy) else None
@@ -279,21 +279,13 @@ def _calibrated_spectra(model: nn.Module, calibration: Calibration, config: Fact
                 continue
             module, geometry = calibration.modules[name], calibration.geometries[name]
             weight = module.weight.detach()
-            sigma = measured.spectra[name] = whitened_singular_values(weight, geometry, pair[0], engine=engines[name],
-                                                                      device=config.device)
-            if probe is None:
-                continue
-            rank = reference_rank(geometry, budget.fraction)
-            tail = float(sigma[rank:].double().square().sum())
-            if tail <= 0:
-                continue
-            try:
-                factors = factorize_whitened(weight, geometry, rank, *pair, engine=config.svd,
-                                             seed=layer_seed(config.seed, name), device=config.device).outcome.factors
-            except torch.linalg.LinAlgError:
-                continue
-            change = probe.relative_change(module, approximation(weight, geometry, factors.first, factors.second))
-            measured.sensitivity[name] = change / tail
+            measured.spectra[name] = whitened_singular_values(weight, geometry, pair[0], engine=engines[name],
+                                                              device=config.device)
+            if probe is not None:
+                value = layer_sensitivity(probe, module, geometry, pair, budget.fraction, engine=config.svd,
+                                          seed=layer_seed(config.seed, name), device=config.device)
+                if value is not None:
+                    measured.sensitivity[name] = value
     return measured
 
 

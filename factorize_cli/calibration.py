@@ -32,6 +32,7 @@ from factorize_cli.orientation import is_transformers_conv1d
 
 FORMAT = "factorize-activation-stats/2"
 READABLE_FORMATS = ("factorize-activation-stats/1", FORMAT)
+SENSITIVITY_KEY = "sensitivity"  # metadata: {layer: measured output sensitivity} (factorize_cli.sensitivity)
 _ROWS = 4096  # rows per float64 block while accumulating
 
 
@@ -238,6 +239,16 @@ class StatsFile:
 
     def __contains__(self, name: str) -> bool:
         return name in self._names
+
+    def sensitivity(self, name: str) -> float | None:
+        """The layer's measured effect on the model output, when ``factorize calibrate`` measured it."""
+        if not hasattr(self, "_sensitivity"):
+            try:
+                raw = json.loads(self._file.metadata.get(SENSITIVITY_KEY, "{}"))
+                self._sensitivity = {str(k): float(v) for k, v in raw.items() if float(v) >= 0}
+            except (ValueError, TypeError, AttributeError):
+                raise self._bad("its sensitivity metadata is not a JSON map of layer names to numbers") from None
+        return self._sensitivity.get(name)
 
     def canonical(self, name: str) -> str:
         """The layer whose tensors hold ``name``'s statistics (itself unless its input is shared)."""

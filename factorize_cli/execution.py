@@ -85,7 +85,8 @@ def inspector(checkpoint: Checkpoint, config: FactorizeConfig, whitener: Whitene
                 return layer.skipped(SkipReason.NON_FINITE, "weight holds NaN or Inf values")
             if whitener.active:
                 why_not = whitener.why_not(layer)
-                layer = replace(layer, calibrated=why_not is None, detail=why_not or "")
+                layer = replace(layer, calibrated=why_not is None, detail=why_not or "",
+                                sensitivity=whitener.sensitivity(layer.name) if why_not is None else None)
             if not spectra:
                 return layer
             engine = config.svd if config.svd in ("exact", "gram") else choose_engine(layer.geometry)

@@ -10,11 +10,14 @@ each one's input statistics. They are stored under the layer's name *in the chec
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from factorize_cli.calibration import SENSITIVITY_KEY
 from factorize_cli.progress import Progress, Silent
+from factorize_cli.sensitivity import CALIBRATE_FRACTION
 from factorize_cli.textdata import TextDataConfig
 
 
@@ -88,6 +91,35 @@ def _ticking(batches: Iterable[Any], progress: Progress) -> Iterator[Any]:
         progress.advance(f"batch {i}")  # the model has run on it
 
 
+def _sensitivities(model: Any, batches: list[dict], collected: dict[str, Any], names: dict[str, str], device: str,
+                   progress: Progress) -> dict[str, float]:
+    """Each layer's measured effect on the model output (factorize_cli.sensitivity), by checkpoint layer name,
+    for the budgets of ``apply --calibration``."""
+    from factorize_cli.api import model_layers
+    from factorize_cli.execution import layer_seed
+    from factorize_cli.factorization import whitening
+    from factorize_cli.sensitivity import OutputProbe, first_samples, layer_sensitivity
+
+    geometries = {c.name: c.geometry for c, _ in model_layers(model, {})}
+    probe = OutputProbe(model, first_samples(batches))
+    out: dict[str, float] = {}
+    progress.start("sensitivities", len(collected))
+    try:
+        for module, s in collected.items():
+            progress.advance(names[module])
+            try:
+                pair = whitening(s.second_moment)
+            except (ValueError, RuntimeError):
+                continue
+            value = layer_sensitivity(probe, model.get_submodule(module), geometries[module], pair, CALIBRATE_FRACTION,
+                                      engine="auto", seed=layer_seed(0, names[module]), device=device)
+            if value is not None:
+                out[names[module]] = value
+    finally:
+        progress.stop()
+    return out
+
+
 def calibrate_folder(folder: str | Path, data: str | Path, stats: str | Path, *,
                      config: TextDataConfig = TextDataConfig(), device: str = "cpu", force: bool = False,
                      progress: Progress | None = None) -> dict[str, Any]:
@@ -117,7 +149,11 @@ def calibrate_folder(folder: str | Path, data: str | Path, stats: str | Path, *,
         progress.stop()
     by_layer = {names[module]: s for module, s in collected.items() if s.count}
     samples = sum(int(b["input_ids"].shape[0]) for b in batches)
+    sensitivity = _sensitivities(model, batches, {m: s for m, s in collected.items() if s.count}, names, device,
+                                 progress)
     save_activation_stats(by_layer, stats, {"model": str(folder), "inputs": str(data), "batches": str(len(batches)),
-                                            "samples": str(samples), "seq_len": str(config.seq_len)})
+                                            "samples": str(samples), "seq_len": str(config.seq_len),
+                                            SENSITIVITY_KEY: json.dumps(dict(sorted(sensitivity.items()))),
+                                            "sensitivity_fraction": str(CALIBRATE_FRACTION)})
     return {"stats": str(stats), "layers": {name: s.count for name, s in sorted(by_layer.items())},
             "batches": len(batches), "samples": samples}

@@ -11,7 +11,8 @@ the allocation weighs each layer's tail by a measured factor:
 where ``y`` is the model's output on the first calibration batches (masked by ``attention_mask`` when
 there is one), ``y'`` the output with this one layer replaced by its whitened rank-``r`` approximation
 ``W_r``, and the denominator is the tail of the layer's whitened spectrum at ``r`` (the same unit the
-allocator sums). ``r`` is the rank the budget's fraction would give the layer uniformly. The product
+allocator sums). ``r`` is the rank the budget's fraction would give the layer uniformly (``factorize
+calibrate`` measures at :data:`CALIBRATE_FRACTION`, stored in the statistics file). The product
 ``sensitivity x tail(rank)`` then predicts the relative model-output error each layer adds, which is
 what the budget minimises. One forward pass over the measured batches per layer.
 """
@@ -28,6 +29,7 @@ from factorize_cli.calibration import run_batch
 from factorize_cli.geometry import Geometry
 
 SAMPLES = 64  # calibration samples (rows of the first input) the sensitivities are measured on
+CALIBRATE_FRACTION = 0.8  # the reference fraction `factorize calibrate` measures at (no budget known yet)
 
 
 def first_samples(data: Iterable[Any], samples: int = SAMPLES) -> list[Any]:
@@ -85,6 +87,25 @@ def approximation(weight: torch.Tensor, geometry: Geometry, first: torch.Tensor,
     matrix = second.reshape(geometry.out_features, rank).to(torch.float64) @ \
         first.reshape(rank, -1).to(torch.float64)
     return matrix.T.contiguous() if geometry.transposed else matrix.reshape(weight.shape)
+
+
+def layer_sensitivity(probe: OutputProbe, module: nn.Module, geometry: Geometry, pair: tuple[torch.Tensor, torch.Tensor],
+                      fraction: float, *, engine: str, seed: int, device: str) -> float | None:
+    """The layer's sensitivity (module docstring) at the reference rank for ``fraction``, from its
+    whitening ``pair``; None when the approximation drops nothing or cannot be computed."""
+    from factorize_cli.factorization import factorize_whitened
+
+    weight = module.weight.detach()
+    rank = reference_rank(geometry, fraction)
+    try:
+        whitened = factorize_whitened(weight, geometry, rank, *pair, engine=engine, seed=seed, device=device)
+    except torch.linalg.LinAlgError:
+        return None
+    factors = whitened.outcome.factors
+    tail = (whitened.output_error * factors.stats.norm) ** 2  # mean over rows of ||(W_r - W) x||^2
+    if not tail > 0:
+        return None
+    return probe.relative_change(module, approximation(weight, geometry, factors.first, factors.second)) / tail
 
 
 def _first_tensor(out: Any) -> torch.Tensor:

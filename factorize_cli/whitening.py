@@ -73,6 +73,10 @@ class Whitener:
             return f"calibration statistics have {self.stats.fan_in(name)} input features, the layer {fan_in}" + PLAIN
         return None
 
+    def sensitivity(self, name: str) -> float | None:
+        """The layer's measured output sensitivity from the statistics file, if it holds one."""
+        return self.stats.sensitivity(name) if self.stats is not None else None
+
     def begin_planning(self, names: Iterable[str]) -> None:
         """Planning will whiten these layers' spectra (apply then needs them once more if ``keep_for_apply``)."""
         self._expect(names, 2 if self.keep_for_apply else 1)
