@@ -18,13 +18,11 @@ what the budget minimises. One forward pass over the measured batches per layer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
-from factorize_cli.calibration import run_batch
 from factorize_cli.geometry import Geometry
 
 SAMPLES = 64  # calibration samples (rows of the first input) the sensitivities are measured on
@@ -49,25 +47,26 @@ def reference_rank(geometry: Geometry, fraction: float) -> int:
 
 
 class OutputProbe:
-    """The model's output on a few batches, and its relative change when one weight is replaced."""
+    """The model's output on a few batches (``run(batch)``), and its relative change when one weight is
+    replaced."""
 
-    def __init__(self, model: nn.Module, batches: list[Any]) -> None:
-        self.model, self.batches = model, batches
+    def __init__(self, run: Callable[[Any], Any], batches: list[Any]) -> None:
+        self.run, self.batches = run, batches
         self.reference = [self._output(b) for b in batches]
         self.energy = sum(float(y.square().sum()) for y in self.reference)
 
     def _output(self, batch: Any) -> torch.Tensor:
         with torch.no_grad():
-            y = _first_tensor(run_batch(self.model, batch))
+            y = _first_tensor(self.run(batch))
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
         y = y.detach().to(torch.float64)
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(y.shape[:2]) == tuple(mask.shape):
             y = y * mask.to(y.device, y.dtype).reshape(*mask.shape, *([1] * (y.dim() - 2)))
         return y
 
-    def relative_change(self, module: nn.Module, approx: torch.Tensor) -> float:
-        """``||y' - y||^2 / ||y||^2`` with ``module.weight`` replaced by ``approx`` (restored after, bit for bit)."""
-        weight = module.weight
+    def relative_change(self, weight: torch.Tensor, approx: torch.Tensor) -> float:
+        """``||y' - y||^2 / ||y||^2`` with the live ``weight`` replaced by ``approx`` in place (restored after,
+        bit for bit)."""
         saved = weight.detach().clone()
         try:
             with torch.no_grad():
