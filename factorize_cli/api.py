@@ -154,6 +154,8 @@ def run_subject(subject: Subject, config: FactorizeConfig, data: Iterable[Any] |
     run = LiveRun(plan, calibration.notes(sequential) if calibration is not None else [])
     before_work(run)
     run.results, run.methods = _execute(plan, subject, config, calibration, swaps, sequential=sequential)
+    if calibration is not None:  # the batches counted by the runs that were made
+        run.notes = calibration.notes(sequential)
     return run
 
 

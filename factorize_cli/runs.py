@@ -215,7 +215,7 @@ class WeightSwaps:
 
     def put(self, name: str, product: torch.Tensor) -> None:
         weight = self.weights[name]
-        product = product.to(weight.dtype).reshape(weight.shape)
+        product = product.to(device=weight.device, dtype=weight.dtype).reshape(weight.shape)
         self.done[name] = (weight.detach().clone(), product)
         with torch.no_grad():
             weight.copy_(product)
