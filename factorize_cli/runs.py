@@ -142,6 +142,8 @@ class Taps(Protocol):
     """How the statistics reach a runnable model's layer inputs, whatever the model is (an nn.Module
     here, a TorchScript or ``.pt2`` program in :mod:`factorize_cli.graphs.calibrate`)."""
 
+    holds_inputs: bool  # inputs are handed over once the batch has run: a run holds those of every layer it taps
+
     def run(self, batch: Any, names: Iterable[str], on_input: Callable[[str, Any], None], *, early: bool,
             values: bool = True) -> None:
         """Run the model on ``batch``, calling ``on_input(name, x)`` on each input of the named layers, in
@@ -161,6 +163,8 @@ class Taps(Protocol):
 
 class ModuleTaps:
     """:class:`Taps` of an nn.Module: forward pre-hooks on its layer modules."""
+
+    holds_inputs = False
 
     def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
         self.model, self.modules = model, modules
@@ -297,12 +301,13 @@ class Calibration:
     def one_shot(self, groups: list[Group], swaps: Swaps | None = None
                  ) -> Iterator[tuple[Group, torch.Tensor, int]]:
         """``(group, mean second moment, rows)`` of each group's inputs in the original model, as many
-        groups per run over the data as :data:`STATISTICS_BUDGET` holds."""
+        groups per run over the data as :data:`STATISTICS_BUDGET` holds (one when the taps hold the
+        inputs of a run until it ends)."""
         chunk: list[Group] = []
         size = 0
         for group in groups:
             need = self.geometries[group.leader].fan_in ** 2 * 8
-            if chunk and size + need > STATISTICS_BUDGET:
+            if chunk and (self.taps.holds_inputs or size + need > STATISTICS_BUDGET):
                 yield from self._moments(chunk, swaps)
                 chunk, size = [], 0
             chunk.append(group)

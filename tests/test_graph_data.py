@@ -103,8 +103,9 @@ def test_held_out_error_sequential_below_whitened_below_plain(cli, tmp_path, pro
             assert {e["method"] for e in layers} == {method}
             assert all(e["calibrated"] for e in layers)
         errors[method] = relative(outputs(load(out, fmt)), target)  # the written program runs
-    print(fmt, errors)
-    assert errors["sequential"] < errors["whitened"] < errors["plain"], errors
+    # measured (all three formats): plain 0.506, whitened 0.321, sequential 0.314
+    assert errors["sequential"] < 0.99 * errors["whitened"], errors
+    assert errors["whitened"] < 0.8 * errors["plain"], errors
 
 
 @pytest.mark.parametrize("fmt", ["script", "pt2"])

@@ -100,6 +100,8 @@ class TorchScriptTaps(_Taps):
     layers' inputs. They are handed over, in call order, once the batch has run. Inputs are copies:
     layers reading one tensor are not recognised as such (each gets its own statistics)."""
 
+    holds_inputs = True
+
     def __init__(self, archive, layers: dict[str, tuple[int, ...]], device: str = "cpu",
                  label: str = "running the program") -> None:
         from factorize_cli.graphs.torchscript import attribute_path, walk
@@ -192,6 +194,8 @@ def _tap(graph, node, index: int) -> None:
 class ExportTaps(_Taps):
     """:class:`~factorize_cli.runs.Taps` of a ``.pt2`` program: its module runs under an FX interpreter
     that sees each call's input (and stops early when asked)."""
+
+    holds_inputs = False
 
     def __init__(self, program, layers: dict[str, tuple[int, ...]], device: str = "cpu",
                  label: str = "running the program") -> None:
