@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from factorize_cli.compensation import compensated_factors
-from factorize_cli.factorization import as_matrix
 from factorize_cli.geometry import Geometry, LayerKind
 
 FLAGS = ["--min-features", "8", "--min-channels", "8", "--latent-features", "0.25", "--latent-channels", "0.25",
