@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from factorize_cli.runs import PLAIN, Calibration, Swaps, eval_mode
+from factorize_cli.runs import PLAIN, Calibration, ModuleTaps, Swaps, Taps, eval_mode
 from factorize_cli.config import BudgetPolicy, FactorizeConfig
 from factorize_cli.errors import GateError, UsageError, describe
 from factorize_cli.formats.base import Checkpoint, TensorInfo, dtype_name, shared_storage
@@ -116,6 +116,21 @@ class LiveRun:
         return report
 
 
+@dataclass(frozen=True)
+class Subject:
+    """What a live run plans and factorizes, whatever runs: the candidates, their live weights (by layer
+    name; the sensitivity probe changes one at a time and restores it), the taps that reach the layers'
+    inputs, and ``install(layer, first, second)``, which puts a layer's factors into the model."""
+
+    candidates: tuple[Candidate, ...]
+    weights: Mapping[str, torch.Tensor]
+    taps: Taps
+    install: Callable[[LayerPlan, torch.Tensor, torch.Tensor], None]
+    source: str
+    fmt: str
+    notes: tuple[str, ...] = ()
+
+
 def run_live(model: nn.Module, config: FactorizeConfig, data: Iterable[Any] | None, swaps: Swaps, *,
              sequential: bool, before_work: Callable[[LiveRun], None] = lambda run: None,
              progress: Progress | None = None) -> LiveRun:
@@ -123,15 +138,34 @@ def run_live(model: nn.Module, config: FactorizeConfig, data: Iterable[Any] | No
     (the caller undoes the swaps when it fails)."""
     found = model_layers(model, shared_storage(model.state_dict()))
     modules = {c.name: m for c, m in found}
+
+    def install(layer: LayerPlan, first: torch.Tensor, second: torch.Tensor) -> None:
+        swaps.put(layer.name, _pair(modules[layer.name], layer, first, second))
+
+    subject = Subject(tuple(c for c, _ in found), {n: m.weight for n, m in modules.items()},
+                      ModuleTaps(model, modules), install, f"<{type(model).__name__}>", FORMAT)
     with eval_mode(model) if data is not None else nullcontext():
-        progress = progress or Silent()
-        plan, calibration = _plan(model, [c for c, _ in found], modules, config, data, progress)
-        run = LiveRun(plan, calibration.notes(sequential) if calibration is not None else [])
-        before_work(run)
-        progress.start("sequential factors" if sequential and calibration else "factors", len(plan.to_factorize))
-        run.results, run.methods = _execute(plan, modules, config, calibration, swaps, sequential=sequential,
+        return run_subject(subject, config, data, swaps, sequential=sequential, before_work=before_work,
+                           progress=progress)
+
+
+def run_subject(subject: Subject, config: FactorizeConfig, data: Iterable[Any] | None, swaps: Any, *,
+                sequential: bool, before_work: Callable[[LiveRun], None] = lambda run: None,
+                progress: Progress | None = None) -> LiveRun:
+    """Plan the subject's layers, call ``before_work`` with the plan, then factorize them, each installed
+    by the subject (``swaps``: where installed layers are undone for the original model's runs)."""
+    progress = progress or Silent()
+    plan, calibration = _plan(subject, config, data, progress)
+    run = LiveRun(plan, calibration.notes(sequential) if calibration is not None else [])
+    before_work(run)
+    progress.start("sequential factors" if sequential and calibration else "factors", len(plan.to_factorize))
+    try:
+        run.results, run.methods = _execute(plan, subject, config, calibration, swaps, sequential=sequential,
                                             progress=progress)
+    finally:
         progress.stop()
+    if calibration is not None:  # the batches counted by the runs that were made
+        run.notes = calibration.notes(sequential)
     return run
 
 
@@ -211,16 +245,16 @@ def model_layers(model: nn.Module, tied: Mapping[str, str]) -> list[tuple[Candid
     return found
 
 
-def _plan(model: nn.Module, candidates: list[Candidate], modules: dict[str, nn.Module], config: FactorizeConfig,
-          data: Iterable[Any] | None, progress: Progress) -> tuple[Plan, Calibration | None]:
+def _plan(subject: Subject, config: FactorizeConfig, data: Iterable[Any] | None,
+          progress: Progress) -> tuple[Plan, Calibration | None]:
     """The CLI's plan for the model's layers; with data, which layers it reaches and (when the policy
     needs spectra) their whitened spectra and, for a budget, each layer's measured output sensitivity."""
     from factorize_cli.factorization import all_finite, choose_engine, singular_values
 
-    screened = [c for c in candidates if screen(c, config.selection).reason is None]
-    finite = [c for c in screened if all_finite(modules[c.name].weight.detach())]
-    calibration = Calibration(model, data, {c.name: modules[c.name] for c in finite},
-                              {c.name: c.geometry for c in finite}) if data is not None else None
+    weights = subject.weights
+    screened = [c for c in subject.candidates if screen(c, config.selection).reason is None]
+    finite = [c for c in screened if all_finite(weights[c.name].detach())]
+    calibration = Calibration(subject.taps, data, {c.name: c.geometry for c in finite}) if data is not None else None
     measured = _Measured()
     if config.needs_spectra:
         engines = {c.name: config.svd if config.svd in ("exact", "gram") else choose_engine(c.geometry)
@@ -228,11 +262,13 @@ def _plan(model: nn.Module, candidates: list[Candidate], modules: dict[str, nn.M
         if calibration is not None:
             progress.start("whitened spectra and sensitivities" if isinstance(config.policy, BudgetPolicy)
                            else "whitened spectra", len(calibration.called))
-            measured = _calibrated_spectra(model, calibration, config, engines, progress)
-            progress.stop()
+            try:
+                measured = _calibrated_spectra(subject, calibration, config, engines, progress)
+            finally:
+                progress.stop()
         for c in finite:
             if c.name not in measured.spectra:
-                measured.spectra[c.name] = singular_values(modules[c.name].weight.detach(), c.geometry,
+                measured.spectra[c.name] = singular_values(weights[c.name].detach(), c.geometry,
                                                            engine=engines[c.name], device=config.device)
     names = {c.name for c in finite}
 
@@ -246,7 +282,8 @@ def _plan(model: nn.Module, candidates: list[Candidate], modules: dict[str, nn.M
             return layer
         return replace(layer, spectrum=measured.spectra[layer.name], sensitivity=measured.sensitivity.get(layer.name))
 
-    plan = build_plan(candidates, config, source=f"<{type(model).__name__}>", fmt=FORMAT, inspect=inspect)
+    plan = build_plan(list(subject.candidates), config, source=subject.source, fmt=subject.fmt, inspect=inspect,
+                      notes=subject.notes)
     return plan, calibration
 
 
@@ -259,7 +296,7 @@ class _Measured:
     sensitivity: dict[str, float] = field(default_factory=dict)  # see factorize_cli.sensitivity
 
 
-def _calibrated_spectra(model: nn.Module, calibration: Calibration, config: FactorizeConfig,
+def _calibrated_spectra(subject: Subject, calibration: Calibration, config: FactorizeConfig,
                         engines: Mapping[str, str], progress: Progress) -> _Measured:
     """Whitened spectra of the layers the data reaches; under a budget, also their output sensitivity
     (one run of the first calibration batches per layer, with the layer at its reference rank)."""
@@ -269,7 +306,7 @@ def _calibrated_spectra(model: nn.Module, calibration: Calibration, config: Fact
 
     measured = _Measured()
     budget = config.policy if isinstance(config.policy, BudgetPolicy) else None
-    probe = OutputProbe(model, first_samples(calibration.data)) if budget is not None else None
+    probe = OutputProbe(subject.taps.output, first_samples(calibration.data)) if budget is not None else None
     for group, moment, _ in calibration.one_shot(calibration.groups):
         pair = _whitening(moment)
         for name in group.names:
@@ -277,12 +314,11 @@ def _calibrated_spectra(model: nn.Module, calibration: Calibration, config: Fact
             if isinstance(pair, str):
                 measured.plain[name] = pair
                 continue
-            module, geometry = calibration.modules[name], calibration.geometries[name]
-            weight = module.weight.detach()
-            measured.spectra[name] = whitened_singular_values(weight, geometry, pair[0], engine=engines[name],
+            live, geometry = subject.weights[name], calibration.geometries[name]
+            measured.spectra[name] = whitened_singular_values(live.detach(), geometry, pair[0], engine=engines[name],
                                                               device=config.device)
             if probe is not None:
-                value = layer_sensitivity(probe, module, geometry, pair, budget.fraction, engine=config.svd,
+                value = layer_sensitivity(probe, live, geometry, pair, budget.fraction, engine=config.svd,
                                           seed=layer_seed(config.seed, name), device=config.device)
                 if value is not None:
                     measured.sensitivity[name] = value
@@ -298,8 +334,8 @@ def _whitening(moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | str:
         return f"whitening failed ({describe(e)})" + PLAIN
 
 
-def _execute(plan: Plan, modules: dict[str, nn.Module], config: FactorizeConfig, calibration: Calibration | None,
-             swaps: Swaps, *, sequential: bool, progress: Progress) -> tuple[dict[str, LayerResult], dict[str, Method]]:
+def _execute(plan: Plan, subject: Subject, config: FactorizeConfig, calibration: Calibration | None,
+             swaps: Any, *, sequential: bool, progress: Progress) -> tuple[dict[str, LayerResult], dict[str, Method]]:
     """Compute every planned layer's factors and swap in its pair: plain layers first, then the
     calibrated ones group by group (in forward order when sequential)."""
     from factorize_cli.compensation import compensated_factors
@@ -313,12 +349,14 @@ def _execute(plan: Plan, modules: dict[str, nn.Module], config: FactorizeConfig,
     methods: dict[str, Method] = {}
     layers = {layer.name: layer for layer in plan.to_factorize}
 
+    weights = subject.weights
+
     def install(layer: LayerPlan, first: torch.Tensor, second: torch.Tensor) -> None:
-        swaps.put(layer.name, _pair(modules[layer.name], layer, first, second))
+        subject.install(layer, first, second)
         progress.advance(layer.name)
 
     def plain(layer: LayerPlan, fallback: str | None = None) -> None:
-        outcome, result = work.factorize(replace(layer, calibrated=False), modules[layer.name].weight.detach())
+        outcome, result = work.factorize(replace(layer, calibrated=False), weights[layer.name].detach())
         results[layer.name] = replace(result, fallback=fallback)
         methods[layer.name] = Method.PLAIN
         install(layer, outcome.factors.first, outcome.factors.second)
@@ -337,7 +375,7 @@ def _execute(plan: Plan, modules: dict[str, nn.Module], config: FactorizeConfig,
                 if isinstance(pair, str):
                     plain(layer, pair)
                     continue
-                weight = modules[name].weight.detach()
+                weight = weights[name].detach()
                 try:
                     whitened = factorize_whitened(weight, layer.geometry, layer.rank, *pair, engine=config.svd,
                                                   seed=layer_seed(config.seed, name), device=config.device)
@@ -350,12 +388,12 @@ def _execute(plan: Plan, modules: dict[str, nn.Module], config: FactorizeConfig,
                 install(layer, outcome.factors.first, outcome.factors.second)
         return results, methods
     for group in groups:
-        weights = {n: as_matrix(modules[n].weight, layers[n].geometry).to(torch.float64) for n in group.names}
-        paired = calibration.paired(group, swaps, weights)
-        del weights
+        matrices = {n: as_matrix(weights[n], layers[n].geometry).to(torch.float64) for n in group.names}
+        paired = calibration.paired(group, swaps, matrices)
+        del matrices
         for name in group.names:
             layer = layers[name]
-            weight = modules[name].weight.detach()
+            weight = weights[name].detach()
             try:
                 if paired.count == 0:
                     raise ValueError("no input rows")

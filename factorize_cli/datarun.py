@@ -1,5 +1,10 @@
 """``factorize apply MODEL OUT --data DATA``: calibrate and factorize a runnable model in one command.
 
+What can run is the format's to say (``handler.runnable(checkpoint)``): a Hugging Face folder
+(:class:`HfFolder`, below), a TorchScript archive or a ``.pt2`` program
+(:mod:`factorize_cli.graphs.live`); a runnable's :class:`Ran` is the plan and the factors, which
+:class:`GivenWork` hands to the format's own writer.
+
 The Hugging Face folder is loaded as its transformers model (:func:`factorize_cli.hf.load_pretrained`),
 DATA is tokenized with the folder's tokenizer (:mod:`factorize_cli.textdata`), and
 :func:`factorize_cli.api.run_live` plans and factorizes the live model: whitened spectra, budgets
@@ -16,7 +21,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from factorize_cli.errors import UsageError
 from factorize_cli.formats.base import Checkpoint
 from factorize_cli.pipeline import ApplyRun
 from factorize_cli.planning import Action, LayerPlan, Plan
@@ -26,21 +30,33 @@ from factorize_cli.textdata import TextDataConfig
 
 
 @dataclass(frozen=True)
-class _Factors:
+class Factors:
     first: Any
     second: Any
 
 
 @dataclass(frozen=True)
+class Ran:
+    """What a runnable's live run gives the writer: the plan on the checkpoint's candidates, each
+    planned layer's factors and result, each layer's method, and the run's notes."""
+
+    plan: Plan
+    factors: dict[str, Factors]
+    results: dict[str, LayerResult]
+    methods: dict[str, str]
+    notes: list[str]
+
+
+@dataclass(frozen=True)
 class _Given:
-    factors: _Factors
+    factors: Factors
 
 
 @dataclass
 class GivenWork:
     """The writer's per-layer work when the factors are already computed (by a live run)."""
 
-    factors: dict[str, _Factors]
+    factors: dict[str, Factors]
     given: dict[str, LayerResult]
     progress: Any
     results: dict[str, LayerResult] = field(default_factory=dict)
@@ -64,35 +80,44 @@ class ApplyWithData(ApplyRun):
     methods: dict[str, Any] = field(default_factory=dict)
 
     def prepare(self, checkpoint: Checkpoint, whitener: Any) -> tuple[Plan, Any]:
-        from factorize_cli.api import run_live
-        from factorize_cli.hf import is_model_folder, load_pretrained
-        from factorize_cli.runs import Swaps
-        from factorize_cli.textdata import text_batches
-
-        if not is_model_folder(self.source):
-            raise UsageError(f"{self.source}: --data runs the model, which needs a Hugging Face model folder "
-                             "(config.json beside the weights); for other checkpoints run `factorize calibrate` "
-                             "and pass --calibration")
-        model = load_pretrained(self.source, device=self.config.device)
-        batches = text_batches(self.source, self.data, self.text, device=self.config.device)
-        names = _checkpoint_names(model, checkpoint, self.config)
-        run = run_live(model, self.config, batches, Swaps(model), sequential=self.sequential, progress=self.progress)
-        plan = _carried(run.plan, checkpoint, self.config, names)
-        self.live_notes = run.notes
-        self.methods = {names[n]: m.value for n, m in run.methods.items() if n in names}
-        factors = {}
-        for name, file_name in names.items():
-            if name in run.results:
-                pair = model.get_submodule(name)
-                factors[file_name] = _Factors(pair.module0.weight.detach(), pair.module1.weight.detach())
-        given = {names[n]: r for n, r in run.results.items() if n in names}
-        return plan, GivenWork(factors, given, self.progress)
+        runnable = checkpoint.handler.runnable(checkpoint)
+        ran = runnable.run(checkpoint, self.config, self.data, sequential=self.sequential, text=self.text,
+                           progress=self.progress)
+        self.live_notes, self.methods = ran.notes, ran.methods
+        return ran.plan, GivenWork(ran.factors, ran.results, self.progress)
 
     def decorate(self, report: dict[str, Any]) -> dict[str, Any]:
         report["notes"] = [*getattr(self, "live_notes", []), *report["notes"]]
         for entry in report["layers"]:
             entry["method"] = self.methods.get(entry["name"])
         return report
+
+
+@dataclass(frozen=True)
+class HfFolder:
+    """A Hugging Face model folder, run as its transformers model on text."""
+
+    source: Path
+
+    def run(self, checkpoint: Checkpoint, config: Any, data: Path, *, sequential: bool, text: TextDataConfig,
+            progress: Any) -> Ran:
+        from factorize_cli.api import run_live
+        from factorize_cli.hf import load_pretrained
+        from factorize_cli.runs import Swaps
+        from factorize_cli.textdata import text_batches
+
+        model = load_pretrained(self.source, device=config.device)
+        batches = text_batches(self.source, data, text, device=config.device)
+        names = _checkpoint_names(model, checkpoint, config)
+        run = run_live(model, config, batches, Swaps(model), sequential=sequential, progress=progress)
+        plan = _carried(run.plan, checkpoint, config, names)
+        factors = {}
+        for name, file_name in names.items():
+            if name in run.results:
+                pair = model.get_submodule(name)
+                factors[file_name] = Factors(pair.module0.weight.detach(), pair.module1.weight.detach())
+        return Ran(plan, factors, {names[n]: r for n, r in run.results.items() if n in names},
+                   {names[n]: m.value for n, m in run.methods.items() if n in names}, run.notes)
 
 
 def _checkpoint_names(model: Any, checkpoint: Checkpoint, config: Any) -> dict[str, str]:

@@ -101,7 +101,7 @@ def _sensitivities(model: Any, batches: list[dict], collected: dict[str, Any], n
     from factorize_cli.sensitivity import OutputProbe, first_samples, layer_sensitivity
 
     geometries = {c.name: c.geometry for c, _ in model_layers(model, {})}
-    probe = OutputProbe(model, first_samples(batches))
+    probe = OutputProbe(lambda batch: model(**batch), first_samples(batches))
     out: dict[str, float] = {}
     progress.start("sensitivities", len(collected))
     try:
@@ -111,8 +111,9 @@ def _sensitivities(model: Any, batches: list[dict], collected: dict[str, Any], n
                 pair = whitening(s.second_moment)
             except (ValueError, RuntimeError):
                 continue
-            value = layer_sensitivity(probe, model.get_submodule(module), geometries[module], pair, CALIBRATE_FRACTION,
-                                      engine="auto", seed=layer_seed(0, names[module]), device=device)
+            value = layer_sensitivity(probe, model.get_submodule(module).weight, geometries[module], pair,
+                                      CALIBRATE_FRACTION, engine="auto", seed=layer_seed(0, names[module]),
+                                      device=device)
             if value is not None:
                 out[names[module]] = value
     finally:

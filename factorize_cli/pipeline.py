@@ -182,8 +182,9 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
                      text: Any = None, sequential: bool = True) -> dict[str, Any]:
     """Factorize ``path`` into ``output`` and write the JSON report; returns the report.
 
-    With ``data`` (text samples, for a Hugging Face folder) the model is run on them: calibrated and
-    factorized in one go (:mod:`factorize_cli.datarun`), ``text`` a TextDataConfig.
+    With ``data`` (text samples for a Hugging Face folder, input batches for a TorchScript or ``.pt2``
+    program) the model is run on them: calibrated and factorized in one go (:mod:`factorize_cli.datarun`),
+    ``text`` a TextDataConfig.
     When a gate fails the report is written, the output is not, and :class:`GateError` is raised.
     """
     from factorize_cli.graphs.verify import VerifySpec

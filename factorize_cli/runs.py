@@ -1,10 +1,15 @@
 """The runs of a live model over calibration data, for :func:`factorize_cli.api.factorize_`.
 
+What reaches the layer inputs is a :class:`Taps`: forward pre-hooks on an nn.Module's layers
+(:class:`ModuleTaps`), or the taps a TorchScript or ``.pt2`` program is instrumented with
+(:mod:`factorize_cli.graphs.calibrate`); where the factorized layers go is a :class:`Swaps` (module
+pairs) or a :class:`WeightSwaps` (weights replaced in place by their factorized products).
+
 How the statistics are gathered. A probe run on the first batch records the order in which layers are
 first called, and which of them read the very same input tensor (q/k/v, gate/up): such a group's
 statistics are computed once. For each group in that order and each batch, the model runs twice: with
 the original layers put back in place of the pairs installed so far (``X``), then as it now is (``X'``).
-A forward pre-hook on the group's first layer accumulates ``S' = X'^T X'``, ``C = X^T X'`` and each
+The taps on the group's first layer accumulate ``S' = X'^T X'``, ``C = X^T X'`` and each
 member's ``||X W^T||^2`` in float64, a block of rows at a time: memory holds the inputs of one batch at
 one layer, never a run's activations. A run stops as soon as the hooked layer has been called (when the
 probe saw it called once per forward), so early layers cost little. One-shot statistics (whitening, and
@@ -22,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -133,32 +138,40 @@ class Paired:
         self.count += before.shape[0]
 
 
-class Calibration:
-    """The model's runs over the data: the probe, one-shot and paired statistics."""
+class Taps(Protocol):
+    """How the statistics reach a runnable model's layer inputs, whatever the model is (an nn.Module
+    here, a TorchScript or ``.pt2`` program in :mod:`factorize_cli.graphs.calibrate`)."""
 
-    def __init__(self, model: nn.Module, data: Iterable[Any], modules: dict[str, nn.Module],
-                 geometries: dict[str, Geometry]) -> None:
-        self.model, self.data, self.modules, self.geometries = model, data, modules, geometries
-        self.batches = 0
+    holds_inputs: bool  # inputs are handed over once the batch has run: a run holds those of every layer it taps
+
+    def run(self, batch: Any, names: Iterable[str], on_input: Callable[[str, Any], None], *, early: bool,
+            values: bool = True) -> None:
+        """Run the model on ``batch``, calling ``on_input(name, x)`` on each input of the named layers, in
+        call order; with ``early`` it may stop once each has been called. ``values=False``: only the calls
+        and the inputs' identities are wanted (``x`` may then be a token standing for the input)."""
+
+    def rows(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The rows layer ``name``'s weight matrix multiplies, from one of its inputs in the running batch."""
+
+    def rows_key(self, name: str) -> tuple:
+        """What decides how the layer cuts its input into rows (layers reading one tensor with equal keys
+        have equal rows)."""
+
+    def output(self, batch: Any) -> Any:
+        """The model's output on ``batch``."""
+
+
+class ModuleTaps:
+    """:class:`Taps` of an nn.Module: forward pre-hooks on its layer modules."""
+
+    holds_inputs = False
+
+    def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
+        self.model, self.modules = model, modules
         self.keep: torch.Tensor | None = None  # the running batch's real tokens (attention mask)
-        self.calls: Counter[str] = Counter()  # calls per forward on the probe batch
-        self.groups = self._probe()
-        self.called = {name for group in self.groups for name in group.names}
 
-    def why_not(self, name: str) -> str | None:
-        return None if name in self.called else "not called on the calibration data" + PLAIN
-
-    def notes(self, sequential: bool) -> list[str]:
-        how = ("sequential: each layer's factors compensate the error of the layers factorized before it, "
-               "from its inputs in the original and in the partly factorized model") if sequential else \
-            "whitened: each layer's factors from its inputs in the original model"
-        return [f"calibrated on {self.batches} batch(es) in eval mode; {len(self.groups)} distinct layer input(s); "
-                + how]
-
-    def _run(self, batch: Any, names: Iterable[str], on_input: Callable[[str, torch.Tensor], None], *,
-             early: bool) -> None:
-        """Run the model on ``batch`` with ``on_input(name, x)`` called on each input of the named layers;
-        with ``early``, stop once each of them has been called."""
+    def run(self, batch: Any, names: Iterable[str], on_input: Callable[[str, Any], None], *, early: bool,
+            values: bool = True) -> None:
         pending = set(names)
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, *, name: str) -> None:
@@ -181,6 +194,75 @@ class Calibration:
             for h in handles:
                 h.remove()
 
+    def rows(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return input_rows(self.modules[name], x, self.keep)
+
+    def rows_key(self, name: str) -> tuple:
+        return _rows_key(self.modules[name])
+
+    def output(self, batch: Any) -> Any:
+        return run_batch(self.model, batch)
+
+
+class WeightSwaps:
+    """:class:`Swaps` for a program whose layers cannot be swapped: each factorized layer's weight is
+    replaced in place by its product ``second @ first`` (the factorized layer's function, up to float
+    rounding), the original kept until the end."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor]) -> None:
+        self.weights = weights
+        self.done: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (original, product)
+
+    @property
+    def names(self) -> set[str]:
+        return set(self.done)
+
+    def put(self, name: str, product: torch.Tensor) -> None:
+        weight = self.weights[name]
+        product = product.to(device=weight.device, dtype=weight.dtype).reshape(weight.shape)
+        self.done[name] = (weight.detach().clone(), product)
+        with torch.no_grad():
+            weight.copy_(product)
+
+    def _set(self, which: int) -> None:
+        with torch.no_grad():
+            for name, pair in self.done.items():
+                self.weights[name].copy_(pair[which])
+
+    @contextmanager
+    def originals(self) -> Iterator[None]:
+        self._set(0)
+        try:
+            yield
+        finally:
+            self._set(1)
+
+    def undo(self) -> None:
+        self._set(0)
+        self.done.clear()
+
+
+class Calibration:
+    """The model's runs over the data: the probe, one-shot and paired statistics."""
+
+    def __init__(self, taps: Taps, data: Iterable[Any], geometries: dict[str, Geometry]) -> None:
+        """``geometries``: the layers to follow (their names are ``taps``')."""
+        self.taps, self.data, self.geometries = taps, data, geometries
+        self.batches = 0
+        self.calls: Counter[str] = Counter()  # calls per forward on the probe batch
+        self.groups = self._probe()
+        self.called = {name for group in self.groups for name in group.names}
+
+    def why_not(self, name: str) -> str | None:
+        return None if name in self.called else "not called on the calibration data" + PLAIN
+
+    def notes(self, sequential: bool) -> list[str]:
+        how = ("sequential: each layer's factors compensate the error of the layers factorized before it, "
+               "from its inputs in the original and in the partly factorized model") if sequential else \
+            "whitened: each layer's factors from its inputs in the original model"
+        return [f"calibrated on {self.batches} batch(es) in eval mode; {len(self.groups)} distinct layer input(s); "
+                + how]
+
     def _probe(self) -> list[Group]:
         """Call order and shared inputs, from one run on the first batch."""
         missing = object()
@@ -195,7 +277,7 @@ class Calibration:
             calls[name] += 1
             if calls[name] > 1:
                 return
-            key = _rows_key(self.modules[name])
+            key = self.taps.rows_key(name)
             for members, (ref, cut) in zip(groups, inputs):
                 if ref() is x and cut == key:
                     members.append(name)
@@ -203,7 +285,7 @@ class Calibration:
             groups.append([name])
             inputs.append((_ref(x), key))
 
-        self._run(first, list(self.modules), seen, early=False)
+        self.taps.run(first, list(self.geometries), seen, early=False, values=False)
         return [Group(tuple(members), calls[members[0]] == 1) for members in groups]
 
     def restricted(self, names: Iterable[str]) -> list[Group]:
@@ -219,12 +301,13 @@ class Calibration:
     def one_shot(self, groups: list[Group], swaps: Swaps | None = None
                  ) -> Iterator[tuple[Group, torch.Tensor, int]]:
         """``(group, mean second moment, rows)`` of each group's inputs in the original model, as many
-        groups per run over the data as :data:`STATISTICS_BUDGET` holds."""
+        groups per run over the data as :data:`STATISTICS_BUDGET` holds (one when the taps hold the
+        inputs of a run until it ends)."""
         chunk: list[Group] = []
         size = 0
         for group in groups:
             need = self.geometries[group.leader].fan_in ** 2 * 8
-            if chunk and size + need > STATISTICS_BUDGET:
+            if chunk and (self.taps.holds_inputs or size + need > STATISTICS_BUDGET):
                 yield from self._moments(chunk, swaps)
                 chunk, size = [], 0
             chunk.append(group)
@@ -236,13 +319,13 @@ class Calibration:
         sums: dict[str, Paired] = {g.leader: Paired() for g in groups}
 
         def add(name: str, x: torch.Tensor) -> None:
-            rows = input_rows(self.modules[name], x, self.keep)
+            rows = self.taps.rows(name, x)
             sums[name].add(rows, rows, {})
 
         self.batches = 0
         with swaps.originals() if swaps is not None else nullcontext():
             for batch in self.data:
-                self._run(batch, list(sums), add, early=all(g.once for g in groups))
+                self.taps.run(batch, list(sums), add, early=all(g.once for g in groups))
                 self.batches += 1
         for group in groups:
             s = sums.pop(group.leader)
@@ -254,7 +337,7 @@ class Calibration:
     def paired(self, group: Group, swaps: Swaps, weights: Mapping[str, torch.Tensor]) -> Paired:
         """The group's sums over every batch, ``X`` from the original model and ``X'`` from the model as it
         is; ``weights``: each member's ``out x fan_in`` matrix (float64), for ``||X W^T||^2``."""
-        layer = self.modules[group.leader]
+        rows = self.taps.rows
         sums = Paired()
         changed = bool(swaps.names & self.called)  # else X' = X: one run per batch
         self.batches = 0
@@ -262,11 +345,11 @@ class Calibration:
             before: list[torch.Tensor] = []
             if changed:
                 with swaps.originals():
-                    self._run(batch, [group.leader], lambda _, x: before.append(x), early=group.once)
+                    self.taps.run(batch, [group.leader], lambda _, x: before.append(x), early=group.once)
             calls = iter(before)
 
             def add(name: str, x: torch.Tensor) -> None:
-                after = input_rows(layer, x, self.keep)
+                after = rows(name, x)
                 if not changed:
                     sums.add(after, after, weights)
                     return
@@ -274,9 +357,9 @@ class Calibration:
                 if original is None:
                     raise UsageError(f"{name} is called more often by the factorized model than by the original "
                                      "on the same batch: its inputs cannot be paired; pass sequential=False")
-                sums.add(input_rows(layer, original, self.keep), after, weights)
+                sums.add(rows(name, original), after, weights)
 
-            self._run(batch, [group.leader], add, early=group.once)
+            self.taps.run(batch, [group.leader], add, early=group.once)
             if next(calls, None) is not None:
                 raise UsageError(f"{group.leader} is called less often by the factorized model than by the "
                                  "original on the same batch: its inputs cannot be paired; pass sequential=False")

@@ -19,13 +19,11 @@ what the budget minimises. One forward pass over the measured batches per layer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
-from factorize_cli.calibration import run_batch
 from factorize_cli.geometry import Geometry
 
 SAMPLES = 64  # calibration samples (rows of the first input) the sensitivities are measured on
@@ -51,25 +49,26 @@ def reference_rank(geometry: Geometry, fraction: float) -> int:
 
 
 class OutputProbe:
-    """The model's output on a few batches, and its relative change when one weight is replaced."""
+    """The model's output on a few batches (``run(batch)``), and its relative change when one weight is
+    replaced."""
 
-    def __init__(self, model: nn.Module, batches: list[Any]) -> None:
-        self.model, self.batches = model, batches
+    def __init__(self, run: Callable[[Any], Any], batches: list[Any]) -> None:
+        self.run, self.batches = run, batches
         self.reference = [self._output(b) for b in batches]
         self.energy = sum(float(y.square().sum()) for y in self.reference)
 
     def _output(self, batch: Any) -> torch.Tensor:
         with torch.no_grad():
-            y = _first_tensor(run_batch(self.model, batch))
+            y = _first_tensor(self.run(batch))
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
         y = y.detach().to(torch.float64)
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(y.shape[:2]) == tuple(mask.shape):
             y = y * mask.to(y.device, y.dtype).reshape(*mask.shape, *([1] * (y.dim() - 2)))
         return y
 
-    def relative_change(self, module: nn.Module, approx: torch.Tensor) -> float:
-        """``||y' - y||^2 / ||y||^2`` with ``module.weight`` replaced by ``approx`` (restored after, bit for bit)."""
-        weight = module.weight
+    def relative_change(self, weight: torch.Tensor, approx: torch.Tensor) -> float:
+        """``||y' - y||^2 / ||y||^2`` with the live ``weight`` replaced by ``approx`` in place (restored after,
+        bit for bit)."""
         saved = weight.detach().clone()
         try:
             with torch.no_grad():
@@ -89,13 +88,13 @@ def approximation(weight: torch.Tensor, geometry: Geometry, first: torch.Tensor,
     return matrix.T.contiguous() if geometry.transposed else matrix.reshape(weight.shape)
 
 
-def layer_sensitivity(probe: OutputProbe, module: nn.Module, geometry: Geometry, pair: tuple[torch.Tensor, torch.Tensor],
+def layer_sensitivity(probe: OutputProbe, live: torch.Tensor, geometry: Geometry, pair: tuple[torch.Tensor, torch.Tensor],
                       fraction: float, *, engine: str, seed: int, device: str) -> float | None:
     """The layer's sensitivity (module docstring) at the reference rank for ``fraction``, from its
     whitening ``pair``; None when the approximation drops nothing or cannot be computed."""
     from factorize_cli.factorization import factorize_whitened
 
-    weight = module.weight.detach()
+    weight = live.detach()  # the layer's live weight: replaced in place while the probe runs
     rank = reference_rank(geometry, fraction)
     try:
         whitened = factorize_whitened(weight, geometry, rank, *pair, engine=engine, seed=seed, device=device)
@@ -105,7 +104,7 @@ def layer_sensitivity(probe: OutputProbe, module: nn.Module, geometry: Geometry,
     tail = (whitened.output_error * factors.stats.norm) ** 2  # mean over rows of ||(W_r - W) x||^2
     if not tail > 0:
         return None
-    return probe.relative_change(module, approximation(weight, geometry, factors.first, factors.second)) / tail
+    return probe.relative_change(live, approximation(weight, geometry, factors.first, factors.second)) / tail
 
 
 def _first_tensor(out: Any) -> torch.Tensor:

@@ -223,7 +223,7 @@ def test_sequential_statistics_are_those_of_the_model_factorized_by_hand(layer):
     # The collector's sums, on a model whose earlier layers are swapped the way factorize_ swaps them.
     model = copy.deepcopy(original)
     modules = {n: model.get_submodule(n) for n in order}
-    calibration = runs.Calibration(model, data, modules, {n: geo for n in order})
+    calibration = runs.Calibration(runs.ModuleTaps(model, modules), data, {n: geo for n in order})
     swaps = runs.Swaps(model)
     for name in earlier:
         swaps.put(name, copy.deepcopy(getattr(done, name)))
@@ -288,7 +288,7 @@ def test_layers_reading_one_input_share_their_statistics():
     model = nn.Sequential(Attention(), Attention())
     data = [structured(i, 64).reshape(4, 16, 32) for i in range(3)]
     modules = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
-    calibration = runs.Calibration(model, data, modules, {})
+    calibration = runs.Calibration(runs.ModuleTaps(model, modules), data, {n: None for n in modules})
     assert [g.names for g in calibration.groups][:4] == [("0.q", "0.k", "0.v"), ("0.o",), ("0.up",), ("0.down",)]
     assert len(calibration.groups) == 8 and all(g.once for g in calibration.groups)
     original = copy.deepcopy(model)

@@ -55,9 +55,10 @@ def apply(
                                             "difference exceeds TOL.")] = 0.1,
     data: Annotated[Path | None, typer.Option(
         "--data", metavar="DATA", rich_help_panel=TEXT, show_default=False,
-        help="Hugging Face folders: run the model on this text (a .txt file, one sample per line; a .jsonl with a "
-             "'text' field; or a folder of .txt files) to calibrate and factorize in one go: whitened factors, "
-             "budgets weighed by each layer's measured effect on the output, and layer by layer refits.")] = None,
+        help="Run the model on DATA to calibrate and factorize in one go: whitened factors, budgets weighed by "
+             "each layer's measured effect on the output, and layer by layer refits. Hugging Face folders: text "
+             "(a .txt file, one sample per line; a .jsonl with a 'text' field; or a folder of .txt files); "
+             "TorchScript and .pt2: a torch.save'd list of input batches, as `factorize calibrate` takes.")] = None,
     sequential: Annotated[bool, typer.Option(
         "--sequential/--no-sequential", rich_help_panel=TEXT,
         help="With --data: factorize in forward order, each layer refit (least squares) to the original layer's "

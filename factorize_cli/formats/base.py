@@ -134,6 +134,10 @@ class Format(Protocol):
     def calibrate(self, checkpoint: Checkpoint, batches: list, device: str) -> dict:
         """Each candidate layer's activation statistics from running the model on ``batches``."""
 
+    def runnable(self, checkpoint: Checkpoint) -> Any:
+        """What ``apply --data`` runs: an object whose ``run(checkpoint, config, data, *, sequential, text,
+        progress)`` gives a :class:`factorize_cli.datarun.Ran`; refuses a checkpoint that cannot run."""
+
 
 def prefetch(checkpoint: Checkpoint, keys: Iterator[str], depth: int = 2) -> Iterator[torch.Tensor]:
     """Read tensors ahead on a background thread while the caller computes (reads release the GIL)."""

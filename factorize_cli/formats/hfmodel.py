@@ -19,7 +19,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from factorize_cli.errors import InputError, UsageError
 from factorize_cli.formats import OutputKind, write_checkpoint, write_shard_set
@@ -132,6 +132,11 @@ class ModelFolderFormat(StateDictFormat):
         found, notes = super().candidates(checkpoint, selection)
         read = self.folder.read_note()
         return found, (*notes, *([read] if read else []))
+
+    def runnable(self, checkpoint: Checkpoint) -> Any:
+        from factorize_cli.datarun import HfFolder
+
+        return HfFolder(Path(checkpoint.path))
 
     def output_kind(self, checkpoint: Checkpoint, output: Path) -> OutputKind:
         try:

@@ -77,6 +77,11 @@ class StateDictFormat:
     def verifier(self, checkpoint: Checkpoint, source: Path) -> Callable[..., dict[str, Any]]:
         raise UsageError("--verify runs models: it needs a TorchScript or .pt2 input")
 
+    def runnable(self, checkpoint: Checkpoint) -> Any:
+        raise UsageError(f"{checkpoint.path}: --data runs the model, which needs a Hugging Face model folder "
+                         "(config.json beside the weights), a TorchScript archive or a .pt2 program; for other "
+                         "checkpoints run `factorize calibrate` and pass --calibration")
+
     def calibrate(self, checkpoint: Checkpoint, batches: list, device: str) -> dict:
         raise UsageError(f"{checkpoint.path}: calibrate runs a model (TorchScript or .pt2); for a state dict, "
                          "collect statistics with factorize_cli.collect_activation_stats on the live model")

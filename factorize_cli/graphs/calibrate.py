@@ -1,9 +1,10 @@
 """Activation statistics for graph formats, where Python hooks cannot reach the layers.
 
-- TorchScript: the root's inlined graphs get, before each layer call, an ``aten::append`` of the
-  call's input to a list attribute of the root (in memory only; the archive is never saved). After
-  each batch the lists are turned into statistics and emptied, so memory stays bounded.
-- .pt2: the program's module runs under an FX interpreter that sees each call's input.
+- TorchScript (:class:`TorchScriptTaps`): the root's inlined graphs get, before each layer call, an
+  ``aten::append`` of the call's input to a list attribute of the root (in memory only; the
+  instrumented archive is never saved). After each batch the lists are handed over and emptied.
+- .pt2 (:class:`ExportTaps`): the program's module runs under an FX interpreter that sees each call's input.
+Both are the :class:`~factorize_cli.runs.Taps` of a live run (``apply --data``) as well.
 The op's own stride/padding/dilation give the unfolded patches, so padding modes done by an
 earlier ``pad`` op are already in the input.
 """
@@ -16,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from factorize_cli.calibration import ActivationStats, conv_rows, run_batch
+from factorize_cli.errors import InputError
 
 
 def rows(kind: str, x: torch.Tensor, weight_shape: tuple[int, ...], stride=None, padding=None,
@@ -61,76 +64,200 @@ def _tuple(value, dims: int, default: int) -> tuple[int, ...]:
     return value * dims if len(value) == 1 and dims > 1 else value
 
 
-def calibrate_torchscript(archive, layers: dict[str, tuple[int, ...]], batches: Iterable[Any],
-                          device: str = "cpu") -> dict[str, ActivationStats]:
-    """Statistics of each layer in ``layers`` ({name: weight shape}) over the batches."""
-    from factorize_cli.graphs.torchscript import attribute_path, walk
-
-    root = archive.module
-    taps: dict[str, tuple[str, str, tuple]] = {}  # layer -> (attribute, op kind, (stride, padding, dilation))
-    for method in root._c._method_names():
-        graph = root._c._get_method(method).graph
-        self_value = next(graph.inputs())
-        for node in list(walk(graph)):
-            if not node.kind() in ("aten::linear", "aten::conv1d", "aten::conv2d", "aten::_convolution"):
-                continue
-            path = attribute_path(node.inputsAt(1))
-            layer = path.removesuffix(".weight") if path else None
-            if layer not in layers:
-                continue
-            attribute = "calibration__" + layer.replace(".", "__")
-            if layer not in taps:
-                root._c._register_attribute(attribute, torch._C.ListType.ofTensors(), [])
-                inputs = [_evaluate(root, i) for i in node.inputs()]
-                kind = "linear" if node.kind() == "aten::linear" else "conv"
-                taps[layer] = (attribute, kind, tuple(inputs[3:6]) if kind == "conv" else ())
-            get = graph.create("prim::GetAttr", [self_value])
-            get.s_("name", attribute)
-            get.output().setType(torch._C.ListType.ofTensors())
-            get.insertBefore(node)
-            append = graph.create("aten::append", [get.output(), node.inputsAt(0)], 1)
-            append.output().setType(torch._C.ListType.ofTensors())
-            append.insertBefore(node)
-    stats = {layer: ActivationStats.empty(math.prod(shape[1:])) for layer, shape in layers.items() if layer in taps}
-    root.to(device)
-    with torch.no_grad():
-        for batch in batches:
-            run_batch(root, batch)
-            for layer, (attribute, kind, conv_args) in taps.items():
-                for x in root._c.getattr(attribute):
-                    stats[layer].add(rows(kind, x.detach(), layers[layer], *conv_args).cpu())
-                root._c.setattr(attribute, [])
-    return stats
+_BIG = 1 << 62  # a gate's "all rows"
+# what torch raises when a program cannot run on a batch (.pt2 input guards fail with AssertionError)
+_RUN_ERRORS = (RuntimeError, ValueError, TypeError, AssertionError)
 
 
-def calibrate_exported(program, layers: dict[str, tuple[int, ...]], batches: Iterable[Any],
-                       device: str = "cpu") -> dict[str, ActivationStats]:
-    from torch.fx import Interpreter
+class _Taps:
+    """What both programs' taps share: the layers ({name: weight shape}), each one's op and conv
+    arguments, and the one-line error when the program cannot run on a batch."""
 
-    module = program.module().to(device)
-    wanted = {f"{layer}.weight": layer for layer in layers}
-    stats: dict[str, ActivationStats] = {}
+    def __init__(self, layers: dict[str, tuple[int, ...]], label: str) -> None:
+        self.layers, self.label = layers, label
+        self.ops: dict[str, tuple[str, tuple]] = {}  # layer -> (op kind, (stride, padding, dilation))
+        self.weights: dict[str, torch.Tensor] = {}  # the live weight of each tapped layer
 
-    class Tap(Interpreter):
-        def run_node(self, n):
+    def rows(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        kind, conv_args = self.ops[name]
+        return rows(kind, x.detach(), self.layers[name], *conv_args)
+
+    def rows_key(self, name: str) -> tuple:
+        return self.ops[name]
+
+    def _failed(self, e: Exception) -> InputError:
+        from factorize_cli.graphs.torchscript import torch_message
+
+        return InputError(f"{self.label} failed ({torch_message(e)})")
+
+
+class TorchScriptTaps(_Taps):
+    """:class:`~factorize_cli.runs.Taps` of a TorchScript archive (an instrumented copy: load it for this).
+
+    Before each call of a tapped layer the root's inlined graphs append the call's input, and the
+    layer's index, to two list attributes of the root; a gate per layer (an int attribute, the rows
+    kept) makes the input an empty copy unless the layer is wanted, so a run keeps only the wanted
+    layers' inputs. They are handed over, in call order, once the batch has run. Inputs are copies:
+    layers reading one tensor are not recognised as such (each gets its own statistics)."""
+
+    holds_inputs = True
+
+    def __init__(self, archive, layers: dict[str, tuple[int, ...]], device: str = "cpu",
+                 label: str = "running the program") -> None:
+        from factorize_cli.graphs.torchscript import attribute_path, walk
+
+        super().__init__(layers, label)
+        self.root = root = archive.module
+        self.names: list[str] = []
+        root._c._register_attribute("calibration__inputs", torch._C.ListType.ofTensors(), [])
+        root._c._register_attribute("calibration__calls", torch._C.ListType.ofInts(), [])
+        for method in root._c._method_names():
+            graph = root._c._get_method(method).graph
+            for node in list(walk(graph)):
+                if node.kind() not in ("aten::linear", "aten::conv1d", "aten::conv2d", "aten::_convolution"):
+                    continue
+                path = attribute_path(node.inputsAt(1))
+                layer = path.removesuffix(".weight") if path else None
+                if layer not in layers:
+                    continue
+                if layer not in self.ops:
+                    root._c._register_attribute(f"calibration__gate{len(self.names)}", torch._C.IntType.get(), 0)
+                    self.names.append(layer)
+                    inputs = [_evaluate(root, i) for i in node.inputs()]
+                    kind = "linear" if node.kind() == "aten::linear" else "conv"
+                    self.ops[layer] = (kind, tuple(inputs[3:6]) if kind == "conv" else ())
+                _tap(graph, node, self.names.index(layer))
+        state = root.state_dict()
+        self.weights = {name: state[f"{name}.weight"] for name in self.names}
+        root.eval()
+        root.to(device)
+
+    def _gates(self, names: Iterable[str], value: int) -> None:
+        for name in names:
+            self.root._c.setattr(f"calibration__gate{self.names.index(name)}", value)
+
+    def _call(self, batch: Any) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
+        try:
+            with torch.no_grad():
+                out = run_batch(self.root, batch)
+            calls = list(zip(self.root._c.getattr("calibration__calls"), self.root._c.getattr("calibration__inputs")))
+        except _RUN_ERRORS as e:
+            raise self._failed(e) from e
+        finally:
+            self.root._c.setattr("calibration__inputs", [])
+            self.root._c.setattr("calibration__calls", [])
+        return out, [(self.names[i], x) for i, x in calls]
+
+    def run(self, batch: Any, names: Iterable[str], on_input, *, early: bool, values: bool = True) -> None:
+        wanted = set(names) & set(self.names)
+        self._gates(wanted if values else (), _BIG)
+        try:
+            _, calls = self._call(batch)
+        finally:
+            self._gates(wanted, 0)
+        for name, x in calls:
+            if name in wanted:
+                on_input(name, x if values else object())
+
+    def output(self, batch: Any) -> Any:
+        return self._call(batch)[0]
+
+
+def _tap(graph, node, index: int) -> None:
+    """Before ``node``: ``inputs.append(x[:gate].clone()); calls.append(index)`` on the method's self."""
+    self_value = next(graph.inputs())
+
+    def add(kind: str, inputs: list, type_) -> Any:
+        new = graph.create(kind, inputs, 1)
+        new.output().setType(type_)
+        new.insertBefore(node)
+        return new
+
+    def attribute(name: str, type_) -> Any:
+        get = add("prim::GetAttr", [self_value], type_)
+        get.s_("name", name)
+        return get.output()
+
+    def constant(value) -> Any:
+        c = graph.insertConstant(value)
+        c.node().moveBefore(node)
+        return c
+
+    tensor, tensors, ints = torch._C.TensorType.get(), torch._C.ListType.ofTensors(), torch._C.ListType.ofInts()
+    gate = attribute(f"calibration__gate{index}", torch._C.IntType.get())
+    kept = add("aten::slice", [node.inputsAt(0), constant(0), constant(0), gate, constant(1)], tensor).output()
+    copy = add("aten::clone", [kept, constant(None)], tensor).output()
+    add("aten::append", [attribute("calibration__inputs", tensors), copy], tensors)
+    add("aten::append", [attribute("calibration__calls", ints), constant(index)], ints)
+
+
+class ExportTaps(_Taps):
+    """:class:`~factorize_cli.runs.Taps` of a ``.pt2`` program: its module runs under an FX interpreter
+    that sees each call's input (and stops early when asked)."""
+
+    holds_inputs = False
+
+    def __init__(self, program, layers: dict[str, tuple[int, ...]], device: str = "cpu",
+                 label: str = "running the program") -> None:
+        super().__init__(layers, label)
+        self.module = program.module().to(device)
+        self.calls: dict[str, str] = {}  # call node -> layer
+        for n in self.module.graph.nodes:
             target = getattr(n.target, "overloadpacket", None)
             name = target.__name__ if target is not None else ""
             if n.op == "call_function" and name in ("linear", "conv1d", "conv2d") and len(n.args) > 1 \
-                    and getattr(n.args[1], "op", None) == "get_attr" and n.args[1].target in wanted:
-                layer = wanted[n.args[1].target]
-                x = self.env[n.args[0]]
+                    and getattr(n.args[1], "op", None) == "get_attr" and n.args[1].target.endswith(".weight") \
+                    and (layer := n.args[1].target.removesuffix(".weight")) in layers:
                 args = list(n.args) + [None] * 7
-                conv_args = (args[3], args[4], args[5]) if name != "linear" else ()
                 kind = "linear" if name == "linear" else "conv"
-                shape = layers[layer]
-                entry = stats.setdefault(layer, ActivationStats.empty(math.prod(shape[1:])))
-                entry.add(rows(kind, x.detach(), shape, *conv_args).cpu())
-            return super().run_node(n)
+                self.ops.setdefault(layer, (kind, (args[3], args[4], args[5]) if kind == "conv" else ()))
+                self.calls[n.name] = layer
+        self.weights = {layer: self.module.get_parameter(f"{layer}.weight") for layer in self.ops}
 
-    with torch.no_grad():
-        for batch in batches:
-            args = batch if isinstance(batch, (tuple, list)) else (batch,)
-            Tap(module).run(*args)
+    def run(self, batch: Any, names: Iterable[str], on_input, *, early: bool, values: bool = True) -> None:
+        from torch.fx import Interpreter
+
+        from factorize_cli.runs import _Stop
+
+        wanted, calls = set(names), self.calls
+        pending = set(wanted)
+
+        class Tap(Interpreter):
+            def run_node(self, n):
+                layer = calls.get(n.name)
+                if layer in wanted:
+                    on_input(layer, self.env[n.args[0]])
+                    if early:
+                        pending.discard(layer)
+                        if not pending:
+                            raise _Stop
+                return super().run_node(n)
+
+        try:
+            with torch.no_grad():
+                Tap(self.module).run(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
+        except _Stop:
+            pass
+        except _RUN_ERRORS as e:
+            raise self._failed(e) from e
+
+    def output(self, batch: Any) -> Any:
+        try:
+            with torch.no_grad():
+                return run_batch(self.module, batch)
+        except _RUN_ERRORS as e:
+            raise self._failed(e) from e
+
+
+def collect(taps: Any, batches: Iterable[Any]) -> dict[str, ActivationStats]:
+    """Each tapped layer's statistics over the batches."""
+    stats = {name: ActivationStats.empty(math.prod(taps.layers[name][1:])) for name in taps.ops}
+
+    def add(name: str, x: torch.Tensor) -> None:
+        stats[name].add(taps.rows(name, x).cpu())
+
+    for batch in batches:
+        taps.run(batch, list(taps.ops), add, early=False)
     return stats
 
 

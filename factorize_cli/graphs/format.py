@@ -49,7 +49,7 @@ class GraphFormat:
     what: str  # for messages: "TorchScript archive"
     loader: Callable[[Path], tuple[Any, dict]]  # the loaded program and its state dict
     module: str  # the graph pass: factorize_cli.graphs.<module>
-    calibrator: str  # its calibration tap in factorize_cli.graphs.calibrate
+    taps: str  # its taps in factorize_cli.graphs.calibrate
     output: OutputKind  # what it writes
     accepted: OutputKind  # the output path's kind that names it
     suffixes: str  # for the error message
@@ -100,15 +100,27 @@ class GraphFormat:
 
         return lambda written, specs, tolerance: verify(self.name, source, written, specs, tolerance)
 
+    def runnable(self, checkpoint: Checkpoint) -> Any:
+        from factorize_cli.graphs.live import GraphProgram
+
+        return GraphProgram(self, Path(checkpoint.path))
+
     def calibrate(self, checkpoint: Checkpoint, batches: list, device: str) -> dict:
         from factorize_cli.graphs import calibrate
 
-        layers = {c.name: c.weight.shape for c in self._pass().candidates(checkpoint.container) if c.unsafe is None}
-        return getattr(calibrate, self.calibrator)(checkpoint.container, layers, batches, device=device)
+        return calibrate.collect(self.tap(checkpoint.container, device,
+                                          f"{checkpoint.path}: running the model on its inputs"), batches)
+
+    def tap(self, container: Any, device: str, label: str = "running the program") -> Any:
+        """The taps of a loaded program (instrumented: give a copy that is not written), on ``device``."""
+        from factorize_cli.graphs import calibrate
+
+        layers = {c.name: c.weight.shape for c in self._pass().candidates(container) if c.unsafe is None}
+        return getattr(calibrate, self.taps)(container, layers, device, label)
 
 
 TORCHSCRIPT = GraphFormat("torchscript", "TorchScript archive", _load_torchscript, "torchscript",
-                          "calibrate_torchscript", OutputKind.TORCHSCRIPT, OutputKind.TORCH, ".pt or .jit")
-TORCH_EXPORT = GraphFormat("torch-export", "torch.export program", _load_exported, "export", "calibrate_exported",
+                          "TorchScriptTaps", OutputKind.TORCHSCRIPT, OutputKind.TORCH, ".pt or .jit")
+TORCH_EXPORT = GraphFormat("torch-export", "torch.export program", _load_exported, "export", "ExportTaps",
                            OutputKind.TORCH_EXPORT, OutputKind.TORCH_EXPORT, ".pt2")
 BY_NAME = {f.name: f for f in (TORCHSCRIPT, TORCH_EXPORT)}
