@@ -123,8 +123,10 @@ def _sensitivities(model: Any, batches: list[dict], collected: dict[str, Any], n
 
 def calibrate_folder(folder: str | Path, data: str | Path, stats: str | Path, *,
                      config: TextDataConfig = TextDataConfig(), device: str = "cpu", force: bool = False,
-                     progress: Progress | None = None) -> dict[str, Any]:
-    """Run the folder's model on DATA and write each layer's input statistics to ``stats``."""
+                     progress: Progress | None = None, sensitivity: bool = True) -> dict[str, Any]:
+    """Run the folder's model on DATA and write each layer's input statistics to ``stats`` (and, with
+    ``sensitivity``, each layer's measured effect on the model output: one more forward pass of the first
+    samples per layer)."""
     from factorize_cli.calibration import _calibrated, save_activation_stats
     from factorize_cli.errors import InputError, describe
     from factorize_cli.hf import load_pretrained
@@ -150,11 +152,13 @@ def calibrate_folder(folder: str | Path, data: str | Path, stats: str | Path, *,
         progress.stop()
     by_layer = {names[module]: s for module, s in collected.items() if s.count}
     samples = sum(int(b["input_ids"].shape[0]) for b in batches)
-    sensitivity = _sensitivities(model, batches, {m: s for m, s in collected.items() if s.count}, names, device,
-                                 progress)
-    save_activation_stats(by_layer, stats, {"model": str(folder), "inputs": str(data), "batches": str(len(batches)),
-                                            "samples": str(samples), "seq_len": str(config.seq_len),
-                                            SENSITIVITY_KEY: json.dumps(dict(sorted(sensitivity.items()))),
-                                            "sensitivity_fraction": str(CALIBRATE_FRACTION)})
+    meta = {"model": str(folder), "inputs": str(data), "batches": str(len(batches)), "samples": str(samples),
+            "seq_len": str(config.seq_len)}
+    if sensitivity:
+        measured = _sensitivities(model, batches, {m: s for m, s in collected.items() if s.count}, names, device,
+                                  progress)
+        meta.update({SENSITIVITY_KEY: json.dumps(dict(sorted(measured.items()))),
+                     "sensitivity_fraction": str(CALIBRATE_FRACTION)})
+    save_activation_stats(by_layer, stats, meta)
     return {"stats": str(stats), "layers": {name: s.count for name, s in sorted(by_layer.items())},
             "batches": len(batches), "samples": samples}

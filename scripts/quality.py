@@ -11,8 +11,8 @@ compared with the original by `factorize evaluate` on the held-out sentences (me
 the mean-pooled embeddings):
 
 - plain: truncated SVD of each weight, ranks by the weight spectra;
-- whitening: `factorize calibrate` statistics, `apply --calibration` (SVD-LLM whitening; the budget
-  weighs every layer's output error alike);
+- whitening: `factorize calibrate --no-sensitivity` statistics, `apply --calibration` (SVD-LLM whitening;
+  the budget weighs every layer's output error alike);
 - + allocation: `apply --data --no-sequential` (the budget weighs each layer by its measured effect
   on the model output, and may leave layers whole);
 - + sequential refit: `apply --data` (layer by layer, each refit to the original outputs on the inputs
@@ -92,7 +92,8 @@ def measure(model_dir: Path, budgets: list[float], steps: list[str], work: Path)
     (work / "held-out.txt").write_text("\n".join(held) + "\n")
     stats = work / "stats.safetensors"
     if "whitening" in steps:
-        factorize("calibrate", model_dir, work / "calibration.txt", stats, *TEXT, "--force", "--quiet")
+        factorize("calibrate", model_dir, work / "calibration.txt", stats, *TEXT, "--no-sensitivity", "--force",
+                  "--quiet")
     table: dict = {"calibration_sentences": len(calib), "held_out_sentences": len(held), "budgets": {}}
     for budget in budgets:
         row = table["budgets"][str(budget)] = {}
@@ -119,7 +120,7 @@ def markdown(table: dict, steps: list[str]) -> str:
              "Python Language Reference): cosine between the original and the factorized model's mean-pooled "
              "embeddings, mean (min). The budget `--rank-policy params:P` is over the encoder Linears.", "",
              "- plain SVD: truncated SVD of each weight; the budget on the weight spectra.",
-             "- whitening: `factorize calibrate` statistics and `apply --calibration` (SVD-LLM whitening); the "
+             "- whitening: `factorize calibrate --no-sensitivity` statistics and `apply --calibration` (SVD-LLM whitening); the "
              "budget on the whitened spectra, every layer's output error counted alike.",
              "- + allocation: `apply --data --no-sequential`: the same whitening, the budget weighing each layer "
              "by its measured effect on the model output (its report `sensitivity`).",
@@ -135,7 +136,7 @@ def markdown(table: dict, steps: list[str]) -> str:
         lines.append(f"| params:{budget} | " + " | ".join(cells) + " |")
     lines += ["", "Commands (DATA = calibration.txt, HELD = held-out.txt, written by the script):", "", "```",
               f"factorize apply MODEL plain --rank-policy params:P {SHOWN}",
-              f"factorize calibrate MODEL DATA stats.safetensors {' '.join(TEXT)}",
+              f"factorize calibrate MODEL DATA stats.safetensors {' '.join(TEXT)} --no-sensitivity",
               f"factorize apply MODEL whitened --rank-policy params:P {SHOWN} --calibration stats.safetensors",
               f"factorize apply MODEL allocated --rank-policy params:P {SHOWN} --data DATA --no-sequential "
               + " ".join(TEXT),

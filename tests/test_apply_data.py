@@ -92,3 +92,24 @@ def test_sensitivity_is_the_output_error_per_unit_of_layer_error():
     # and the budget gives the layer that matters more of the rank
     ranks = {e["name"]: e["rank"] if e["action"] == "factorize" else 32 for e in report["layers"]}
     assert ranks["b"] > ranks["a"]
+
+
+def test_calibrate_records_sensitivities_that_apply_calibration_uses(cli, tmp_path):
+    from factorize_cli.calibration import StatsFile
+
+    folder = gpt2_folder(tmp_path / "gpt2", strip_prefix=True)
+    data = write_lines(tmp_path / "text.txt", TEXT)
+    r = cli("calibrate", folder, data, tmp_path / "stats.safetensors", "-q")
+    assert r.code == 0, r.stderr
+    stats = StatsFile(tmp_path / "stats.safetensors")
+    try:
+        measured = {name: stats.sensitivity(name) for name in stats.layers}
+    finally:
+        stats.close()
+    assert measured and all(v is not None and v > 0 for v in measured.values())
+    r = cli("apply", folder / "model.safetensors", tmp_path / "o.safetensors", "--calibration",
+            tmp_path / "stats.safetensors", *SELECT, "--json", "-q")
+    assert r.code == 0, r.stderr
+    budgeted = [e for e in r.json["layers"] if e["action"] == "factorize" or e["reason"] == "kept-whole"]
+    assert budgeted and all(e["sensitivity"] == pytest.approx(measured[e["name"]]) for e in budgeted)
+    assert "measured effect on the model output" in " ".join(r.json["notes"])

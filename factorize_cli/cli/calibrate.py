@@ -39,6 +39,10 @@ def calibrate(
     seq_len: SeqLen = 256,
     batch_size: BatchSize = 8,
     device: Annotated[str, typer.Option("--device", help="Run the model on this device (cpu, cuda[:N]).")] = "cpu",
+    sensitivity: Annotated[bool, typer.Option(
+        "--sensitivity/--no-sensitivity", help="Folders: also measure each layer's effect on the model output (one "
+                                               "forward pass of the first 64 samples per layer), which apply's "
+                                               "budgets weigh layers by.")] = True,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing STATS file.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
 ) -> None:
@@ -55,7 +59,7 @@ def calibrate(
 
         config = TextDataConfig(samples=samples, seq_len=seq_len, batch_size=batch_size)
         summary = calibrate_folder(model, inputs, stats, config=config, device=_device(device), force=force,
-                                   progress=RichProgress(not quiet))
+                                   progress=RichProgress(not quiet), sensitivity=sensitivity)
     else:
         from factorize_cli.graphs.calibrate import calibrate_checkpoint
 
