@@ -11,6 +11,7 @@ earlier ``pad`` op are already in the input.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -66,6 +67,7 @@ def _tuple(value, dims: int, default: int) -> tuple[int, ...]:
 
 
 _BIG = 1 << 62  # a gate's "all rows"
+_BLOCK = 4096  # rows a layer's statistics take at once
 # what torch raises when a program cannot run on a batch (.pt2 input guards fail with AssertionError)
 _RUN_ERRORS = (RuntimeError, ValueError, TypeError, AssertionError)
 
@@ -129,6 +131,12 @@ class TorchScriptTaps(_Taps):
                     kind = "linear" if node.kind() == "aten::linear" else "conv"
                     self.ops[layer] = (kind, tuple(inputs[3:6]) if kind == "conv" else ())
                 _tap(graph, node, self.names.index(layer))
+        # run a fresh load of the instrumented code: torch may already hold an executor made from a method's
+        # graph as loaded (silero-vad's archive does), which would run it without the taps
+        buffer = io.BytesIO()
+        torch.jit.save(root, buffer)
+        buffer.seek(0)
+        self.root = root = torch.jit.load(buffer, map_location="cpu")
         state = root.state_dict()
         self.weights = {name: state[f"{name}.weight"] for name in self.names}
         root.eval()
@@ -262,14 +270,27 @@ class _Tap(torch.nn.Module):
 
 
 def collect(taps: Any, calls: Calls) -> dict[str, ActivationStats]:
-    """Each tapped layer's statistics over the calls."""
+    """Each tapped layer's statistics over the calls. Rows are added a block at a time: a streaming call
+    gives a layer a few rows, and each addition costs a full ``fan_in x fan_in`` update."""
     stats = {name: ActivationStats.empty(math.prod(taps.layers[name][1:])) for name in taps.ops}
+    pending: dict[str, list[torch.Tensor]] = {name: [] for name in stats}
+    held = dict.fromkeys(stats, 0)  # rows pending
+
+    def flush(name: str) -> None:
+        if pending[name]:
+            stats[name].add(torch.cat(pending[name]))
+            pending[name], held[name] = [], 0
 
     def add(name: str, x: torch.Tensor) -> None:
-        stats[name].add(taps.rows(name, x).cpu())
+        pending[name].append(taps.rows(name, x).cpu())
+        held[name] += len(pending[name][-1])
+        if held[name] >= _BLOCK:
+            flush(name)
 
     for call in calls:
         taps.run(call, list(taps.ops), add, early=False)
+    for name in stats:
+        flush(name)
     return stats
 
 
