@@ -11,7 +11,7 @@ batches from :mod:`factorize_cli.textdata`); the task comes from the model class
 - any other model (encoders): the mean and min cosine between the mean-pooled (attention-mask weighted)
   last hidden states.
 
-TorchScript archives and ``.pt2`` programs run on saved input batches: mean and min cosine between the
+TorchScript archives and ``.pt2`` programs run on the calls of an inputs file: mean and min cosine between the
 outputs, per sample (row of each output tensor), and their relative error ``||a - b|| / ||a||`` over
 all outputs.
 """

@@ -1,5 +1,5 @@
 """``factorize calibrate``: activation statistics for --calibration, from a Hugging Face folder run on text,
-or a TorchScript / .pt2 program run on saved input batches."""
+or a TorchScript / .pt2 program run on the calls of an inputs file (graphs/calls.py)."""
 
 import json
 from pathlib import Path
@@ -17,7 +17,7 @@ Examples:
 
   factorize apply gpt2/model.safetensors small.safetensors --calibration stats.safetensors --rank-policy params:0.8
 
-  factorize calibrate model.jit batches.pt stats.safetensors
+  factorize calibrate model.jit calls.pt stats.safetensors
 
 MODEL a Hugging Face folder (config.json, tokenizer, weights): DATA is text, tokenized with the folder's
 tokenizer: a text file (one sample per non-empty line), a .jsonl file (a "text" field per record) or a folder

@@ -14,7 +14,7 @@ Examples:
 
   factorize evaluate gpt2/ gpt2-small/ --data texts.jsonl --samples 256 --seq-len 512
 
-  factorize evaluate model.jit small.jit --data batches.pt --report small.factorize.json
+  factorize evaluate model.jit small.jit --data calls.pt --report small.factorize.json
 
 Hugging Face folders: DATA is text, tokenized with ORIGINAL's tokenizer (a text file, one sample per
 non-empty line; a .jsonl file with a "text" field per record; or a folder of .txt files). Causal LMs:
