@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from factorize_cli.errors import UsageError
 from factorize_cli.formats.base import Checkpoint
 from factorize_cli.pipeline import ApplyRun
 from factorize_cli.planning import Action, LayerPlan, Plan
@@ -78,11 +79,12 @@ class ApplyWithData(ApplyRun):
     text: TextDataConfig = field(default_factory=TextDataConfig)
     sequential: bool = True
     methods: dict[str, Any] = field(default_factory=dict)
+    entry: Any = None  # a program's --method/--reset (factorize_cli.graphs.calls.Entry)
 
     def prepare(self, checkpoint: Checkpoint, whitener: Any) -> tuple[Plan, Any]:
         runnable = checkpoint.handler.runnable(checkpoint)
         ran = runnable.run(checkpoint, self.config, self.data, sequential=self.sequential, text=self.text,
-                           progress=self.progress)
+                           progress=self.progress, entry=self.entry)
         self.live_notes, self.methods = ran.notes, ran.methods
         return ran.plan, GivenWork(ran.factors, ran.results, self.progress)
 
@@ -100,12 +102,14 @@ class HfFolder:
     source: Path
 
     def run(self, checkpoint: Checkpoint, config: Any, data: Path, *, sequential: bool, text: TextDataConfig,
-            progress: Any) -> Ran:
+            progress: Any, entry: Any = None) -> Ran:
         from factorize_cli.api import run_live
         from factorize_cli.hf import load_pretrained
         from factorize_cli.runs import Swaps
         from factorize_cli.textdata import text_batches
 
+        if entry is not None and not entry.is_default:
+            raise UsageError("--method and --reset are for TorchScript and .pt2 programs, not model folders")
         model = load_pretrained(self.source, device=config.device)
         batches = text_batches(self.source, data, text, device=config.device)
         names = _checkpoint_names(model, checkpoint, config)

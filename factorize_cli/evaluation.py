@@ -11,7 +11,7 @@ batches from :mod:`factorize_cli.textdata`); the task comes from the model class
 - any other model (encoders): the mean and min cosine between the mean-pooled (attention-mask weighted)
   last hidden states.
 
-TorchScript archives and ``.pt2`` programs run on saved input batches: mean and min cosine between the
+TorchScript archives and ``.pt2`` programs run on the calls of an inputs file: mean and min cosine between the
 outputs, per sample (row of each output tensor), and their relative error ``||a - b|| / ||a||`` over
 all outputs.
 """
@@ -223,39 +223,41 @@ def _tensors(value: Any) -> list[Any]:
     return []
 
 
-def _runner(path: Path, device: str) -> Any:
+def _runner(path: Path, device: str, calls: Any) -> Any:
     from factorize_cli.formats import open_checkpoint
+    from factorize_cli.graphs.format import BY_NAME
 
     with open_checkpoint(path) as checkpoint:
-        if checkpoint.format == "torchscript":
-            return checkpoint.container.module.to(device).eval()
-        if checkpoint.format == "torch-export":
-            return checkpoint.container.module().to(device)
-    raise InputError(f"{path}: a {checkpoint.format} checkpoint holds no code to run; evaluate takes Hugging Face "
-                     "folders, TorchScript archives and .pt2 programs")
+        graph = BY_NAME.get(checkpoint.format)
+        if graph is None:
+            raise InputError(f"{path}: a {checkpoint.format} checkpoint holds no code to run; evaluate takes Hugging "
+                             "Face folders, TorchScript archives and .pt2 programs")
+        module = graph.module_of(checkpoint.container).to(device)
+        calls.check(module, graph.what, path)
+        return module.eval() if checkpoint.format == "torchscript" else module
 
 
-def evaluate_programs(original: str | Path, factorized: str | Path, inputs: str | Path, *, device: str = "cpu",
-                      progress: Progress | None = None) -> dict[str, Any]:
-    """Run two TorchScript / .pt2 programs on torch.save'd batches; cosine and relative error of outputs."""
+def evaluate_programs(original: str | Path, factorized: str | Path, inputs: str | Path, *, entry: Any = None,
+                      device: str = "cpu", progress: Progress | None = None) -> dict[str, Any]:
+    """Run two TorchScript / .pt2 programs on the calls of INPUTS (:mod:`factorize_cli.graphs.calls`; ``entry``
+    their --method/--reset); cosine and relative error of the outputs, call by call."""
     import torch
 
-    from factorize_cli.calibration import run_batch
-    from factorize_cli.graphs.calibrate import load_batches
+    from factorize_cli.graphs.calls import Entry, load_calls, run
 
     original, factorized, inputs = Path(original), Path(factorized), Path(inputs)
-    batches = load_batches(inputs, device)
-    models = [_runner(path, device) for path in (original, factorized)]
+    calls = load_calls(inputs, entry or Entry(), device)
+    models = [_runner(path, device, calls) for path in (original, factorized)]
     accumulator = _Cosines()
     progress = progress or Silent()
-    progress.start("evaluating", len(batches))
+    progress.start("evaluating", len(calls))
     try:
         with torch.no_grad():
-            for _, batch in _ticking(batches, progress):
+            for _, call in _ticking(calls, progress):
                 outs = []
                 for model, path in zip(models, (original, factorized)):
                     try:
-                        outs.append(_tensors(run_batch(model, batch)))
+                        outs.append(_tensors(run(model, call, calls.entry)))
                     except Exception as e:  # TorchScript raises its own error types
                         raise InputError(f"{path}: running the model on {inputs} failed ({describe(e)})") from e
                 if len(outs[0]) != len(outs[1]) or any(a.shape != b.shape for a, b in zip(*outs)):
@@ -269,7 +271,8 @@ def evaluate_programs(original: str | Path, factorized: str | Path, inputs: str 
         raise InputError(f"{original}: the model returns no floating-point tensor to compare")
     result = accumulator.result()
     return {"task": PROGRAM, "original": str(original), "factorized": str(factorized), "data": str(inputs),
-            "batches": len(batches), "metrics": result, "summary": f"{PROGRAM}: " + accumulator.line(result)}
+            "batches": len(calls), "sequences": len(calls.sequences), "calls": calls.entry.describe(),
+            "metrics": result, "summary": f"{PROGRAM}: " + accumulator.line(result)}
 
 
 # -- where the result goes --------------------------------------------------------------------------

@@ -107,7 +107,7 @@ class ApplyRun:
     report_path: Path
     html_path: Path | None
     label: str | None
-    specs: Sequence[Any]  # parsed --verify specs
+    specs: Any  # --verify's inputs (graphs.verify.VerifyInputs), None without it
     verify_tol: float
     progress: Progress
     started: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
@@ -179,19 +179,21 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
                      report_path: str | Path | None = None, html_path: str | Path | None = None,
                      unsafe_pickle: bool = False, progress: Progress | None = None, label: str | None = None,
                      verify: Sequence[str] = (), verify_tol: float = 0.1, data: str | Path | None = None,
-                     text: Any = None, sequential: bool = True) -> dict[str, Any]:
+                     text: Any = None, sequential: bool = True, entry: Any = None) -> dict[str, Any]:
     """Factorize ``path`` into ``output`` and write the JSON report; returns the report.
 
     With ``data`` (text samples for a Hugging Face folder, input batches for a TorchScript or ``.pt2``
     program) the model is run on them: calibrated and factorized in one go (:mod:`factorize_cli.datarun`),
-    ``text`` a TextDataConfig.
+    ``text`` a TextDataConfig; ``entry`` a program's --method/--reset (:class:`~factorize_cli.graphs.calls.Entry`)
+    for ``data`` and ``verify``.
     When a gate fails the report is written, the output is not, and :class:`GateError` is raised.
     """
-    from factorize_cli.graphs.verify import VerifySpec
+    from factorize_cli.graphs.calls import Entry
+    from factorize_cli.graphs.verify import VerifyInputs
 
     source, output = Path(path), Path(output)
     args = (source, output, config, Path(report_path) if report_path else default_report_path(output),
-            Path(html_path) if html_path else None, label, [VerifySpec.parse(text) for text in verify],
+            Path(html_path) if html_path else None, label, VerifyInputs.parse(verify, entry or Entry()),
             verify_tol, progress or Silent())
     if data is None:
         run = ApplyRun(*args)
@@ -201,7 +203,8 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
 
         if config.calibration:
             raise UsageError("--data calibrates as it goes: drop --calibration")
-        run = ApplyWithData(*args, data=Path(data), text=text or TextDataConfig(), sequential=sequential)
+        run = ApplyWithData(*args, data=Path(data), text=text or TextDataConfig(), sequential=sequential,
+                            entry=entry)
     check_targets({"output": output, "report": run.report_path, "HTML report": run.html_path},
                   _inputs(source, config) + ([Path(data)] if data is not None else []), force=force)
     with open_checkpoint(source, unsafe_pickle=unsafe_pickle) as checkpoint, \

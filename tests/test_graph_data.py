@@ -166,7 +166,7 @@ def test_bad_inputs_are_one_line_errors(cli, tmp_path, program, fmt):
     torch.save([torch.randn(4, 5, 12)], tmp_path / "wrong.pt")  # 5 channels where the conv takes 8
     torch.save({"x": torch.randn(2, 8, 12)}, tmp_path / "dict.pt")
     for bad, words in (("junk.pt", "not a torch.save file"), ("wrong.pt", "running the program"),
-                       ("dict.pt", "expected a tensor or a list"), ("missing.pt", "no such file")):
+                       ("dict.pt", "expected a tensor, a list of calls"), ("missing.pt", "no such file")):
         r = cli("apply", path, tmp_path / f"o{path.suffix}", "--data", tmp_path / bad, *FLAGS)
         assert r.code == 2 and r.stderr.strip().count("\n") == 0 and words in r.stderr, (bad, r.stderr)
         assert not (tmp_path / f"o{path.suffix}").exists()

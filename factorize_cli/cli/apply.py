@@ -6,8 +6,8 @@ from typing import Annotated, Any
 import typer
 
 from factorize_cli.cli import app
-from factorize_cli.cli.options import (TEXT, BatchSize, Force, Globs, HtmlPath, Jsonl, JsonOut, Quiet, ReportPath,
-                                      Samples, SeqLen, factorize_options)
+from factorize_cli.cli.options import (TEXT, BatchSize, Force, Globs, HtmlPath, Jsonl, JsonOut, Method, Quiet,
+                                      ReportPath, Reset, Samples, SeqLen, factorize_options)
 
 EPILOG = """\
 Examples:
@@ -25,6 +25,9 @@ Examples:
   cat model.safetensors | factorize apply - small.safetensors
 
   factorize apply model.jit small.jit --verify randn:1,16000 --verify-tol 0.05   (TorchScript)
+
+  factorize apply silero_vad.jit small.jit --verify calls.pt --reset reset_states
+      (--verify on the calls of an inputs file, as calibrate takes)
 
   factorize apply all-MiniLM-L6-v2/ small/ --data sentences.txt --rank-policy params:0.8 --include 'encoder.*'
       (a Hugging Face folder calibrated on text and factorized layer by layer, in one command)
@@ -49,7 +52,8 @@ def apply(
     verify: Annotated[list[str] | None, typer.Option(
         "--verify", metavar="SPEC", show_default=False,
         help="Graph inputs only: run the original and the result on inputs built from SPEC (randn:1,3,224,224; "
-             "one per positional input, repeatable) in a fresh process; the differences go into the report.")] = None,
+             "one per positional input, repeatable), or on the calls of an inputs file (as calibrate takes; with "
+             "--method/--reset), in a fresh process; the differences go into the report.")] = None,
     verify_tol: Annotated[float, typer.Option(
         "--verify-tol", metavar="TOL", help="Fail (exit 1, no output) when --verify's max relative output "
                                             "difference exceeds TOL.")] = 0.1,
@@ -58,12 +62,14 @@ def apply(
         help="Run the model on DATA to calibrate and factorize in one go: whitened factors, budgets weighed by "
              "each layer's measured effect on the output, and layer by layer refits. Hugging Face folders: text "
              "(a .txt file, one sample per line; a .jsonl with a 'text' field; or a folder of .txt files); "
-             "TorchScript and .pt2: a torch.save'd list of input batches, as `factorize calibrate` takes.")] = None,
+             "TorchScript and .pt2: a torch.save file of calls, as `factorize calibrate` takes.")] = None,
     sequential: Annotated[bool, typer.Option(
         "--sequential/--no-sequential", rich_help_panel=TEXT,
         help="With --data: factorize in forward order, each layer refit (least squares) to the original layer's "
              "outputs on the inputs the already factorized layers give it; --no-sequential whitens every layer "
              "by its inputs in the original model.")] = True,
+    method: Method = "forward",
+    reset: Reset = None,
     samples: Samples = 512,
     seq_len: SeqLen = 256,
     batch_size: BatchSize = 8,
@@ -75,6 +81,7 @@ def apply(
     from factorize_cli.batch import DEFAULT_GLOBS, apply_jobs, materialized
     from factorize_cli.cli.plan import _single_only
     from factorize_cli.cli.render import RichProgress
+    from factorize_cli.cli.options import entry
     from factorize_cli.cli.run import run_jobs
     from factorize_cli.errors import UsageError
     from factorize_cli.pipeline import apply_checkpoint
@@ -82,6 +89,9 @@ def apply(
     if len(checkpoints) < 2:
         raise UsageError("apply needs CHECKPOINT... OUTPUT (see 'factorize apply --help')")
     *inputs, output = checkpoints
+    calls = entry(method, reset)
+    if not calls.is_default and not verify and data is None:
+        raise UsageError("--method and --reset say how to run the calls of --verify FILE or --data FILE; give one")
     jobs = apply_jobs(inputs, Path(output), tuple(globs or DEFAULT_GLOBS))
     _single_only(len(jobs), json_out=json_out, report=report, html=html)
 
@@ -99,6 +109,6 @@ def apply(
                                     progress=RichProgress(enabled=not quiet),
                                     label="<stdin>" if job.source == "-" else None,
                                     verify=verify or (), verify_tol=verify_tol, data=data, text=text,
-                                    sequential=sequential)
+                                    sequential=sequential, entry=calls)
 
     raise typer.Exit(run_jobs(jobs, work, quiet=quiet, jsonl=jsonl, json_out=json_out))

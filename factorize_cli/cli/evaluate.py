@@ -7,21 +7,21 @@ from typing import Annotated
 import typer
 
 from factorize_cli.cli import app
-from factorize_cli.cli.options import BatchSize, Samples, SeqLen
+from factorize_cli.cli.options import BatchSize, Method, Reset, Samples, SeqLen
 
 EPILOG = """\
 Examples:
 
   factorize evaluate gpt2/ gpt2-small/ --data texts.jsonl --samples 256 --seq-len 512
 
-  factorize evaluate model.jit small.jit --data batches.pt --report small.factorize.json
+  factorize evaluate model.jit small.jit --data calls.pt --report small.factorize.json
 
 Hugging Face folders: DATA is text, tokenized with ORIGINAL's tokenizer (a text file, one sample per
 non-empty line; a .jsonl file with a "text" field per record; or a folder of .txt files). Causal LMs:
 perplexity of both and mean KL(original || factorized) of the next-token distributions; sequence
 classifiers: agreement of the predicted class; other models: mean and min cosine of the mean-pooled last
-hidden states. TorchScript / .pt2: DATA is torch.save'd input batches (as for calibrate); mean and min
-cosine and relative error of the outputs.
+hidden states. TorchScript / .pt2: DATA is a torch.save file of calls (as calibrate takes, with --method
+and --reset); mean and min cosine and relative error of the outputs.
 
 The result is printed as JSON on stdout, with one line on stderr.
 """
@@ -32,11 +32,13 @@ def evaluate(
         help="The original: a Hugging Face folder, a TorchScript archive or a .pt2 program.", show_default=False)],
     factorized: Annotated[Path, typer.Argument(help="The factorized model, of the same kind.", show_default=False)],
     data: Annotated[Path, typer.Option("--data", metavar="DATA", show_default=False,
-                                       help="Text (folders) or torch.save'd input batches (programs).")],
+                                       help="Text (folders) or a torch.save file of calls (programs).")],
     samples: Samples = 512,
     seq_len: SeqLen = 256,
     batch_size: BatchSize = 8,
     device: Annotated[str, typer.Option("--device", help="Run the models on this device (cpu, cuda[:N]).")] = "cpu",
+    method: Method = "forward",
+    reset: Reset = None,
     report: Annotated[Path | None, typer.Option(
         "--report", metavar="R", show_default=False,
         help="Also write the result to R. When R is a factorize JSON report (from plan or apply: our own output), "
@@ -49,7 +51,7 @@ def evaluate(
     """Compare a factorized model with its original on data: perplexity and KL, class agreement, or cosine."""
     import sys
 
-    from factorize_cli.cli.options import _device
+    from factorize_cli.cli.options import _device, entry
     from factorize_cli.cli.render import RichProgress
     from factorize_cli.errors import UsageError
     from factorize_cli.evaluation import check_evaluation_target, write_evaluation
@@ -63,6 +65,8 @@ def evaluate(
         if not all(folders):
             odd = factorized if folders[0] else original
             raise UsageError(f"{odd}: not a Hugging Face model folder (no config.json), but the other model is one")
+        if not entry(method, reset).is_default:
+            raise UsageError("--method and --reset are for TorchScript and .pt2 programs, not model folders")
         from factorize_cli.evaluation import EvaluationConfig, evaluate_folders
         from factorize_cli.textdata import TextDataConfig
 
@@ -72,7 +76,8 @@ def evaluate(
     else:
         from factorize_cli.evaluation import evaluate_programs
 
-        result = evaluate_programs(original, factorized, data, device=_device(device), progress=progress)
+        result = evaluate_programs(original, factorized, data, entry=entry(method, reset), device=_device(device),
+                                   progress=progress)
     if report is not None:
         write_evaluation(result, report, into_report=into_report)
     if not quiet:

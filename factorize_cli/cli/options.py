@@ -183,3 +183,19 @@ SeqLen = Annotated[int, typer.Option("--seq-len", min=1, metavar="L", rich_help_
                                      help="Truncate each sample to L tokens.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, metavar="B", rich_help_panel=TEXT,
                                         help="Samples per forward pass.")]
+
+PROGRAMS = "Program inputs (TorchScript and .pt2)"
+Method = Annotated[str, typer.Option(
+    "--method", metavar="NAME", rich_help_panel=PROGRAMS,
+    help="Run the inputs' calls through this exported method of a TorchScript archive instead of forward.")]
+Reset = Annotated[str | None, typer.Option(
+    "--reset", metavar="METHOD", rich_help_panel=PROGRAMS, show_default=False,
+    help="Call METHOD() (e.g. reset_states) before each sequence of calls; a sequence runs in order, its state "
+         "carried from call to call.")]
+
+
+def entry(method: str, reset: str | None) -> Any:
+    """The --method/--reset pair as a graphs.calls.Entry."""
+    from factorize_cli.graphs.calls import Entry
+
+    return Entry(method, reset)

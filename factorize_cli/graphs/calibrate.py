@@ -11,6 +11,7 @@ earlier ``pad`` op are already in the input.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,8 +19,9 @@ from typing import Any
 
 import torch
 
-from factorize_cli.calibration import ActivationStats, conv_rows, run_batch
+from factorize_cli.calibration import ActivationStats, conv_rows
 from factorize_cli.errors import InputError
+from factorize_cli.graphs.calls import Call, Calls, Entry, load_calls, run
 
 
 def rows(kind: str, x: torch.Tensor, weight_shape: tuple[int, ...], stride=None, padding=None,
@@ -65,6 +67,7 @@ def _tuple(value, dims: int, default: int) -> tuple[int, ...]:
 
 
 _BIG = 1 << 62  # a gate's "all rows"
+_BLOCK = 4096  # rows a layer's statistics take at once
 # what torch raises when a program cannot run on a batch (.pt2 input guards fail with AssertionError)
 _RUN_ERRORS = (RuntimeError, ValueError, TypeError, AssertionError)
 
@@ -73,8 +76,9 @@ class _Taps:
     """What both programs' taps share: the layers ({name: weight shape}), each one's op and conv
     arguments, and the one-line error when the program cannot run on a batch."""
 
-    def __init__(self, layers: dict[str, tuple[int, ...]], label: str) -> None:
+    def __init__(self, layers: dict[str, tuple[int, ...]], calls: Calls, label: str) -> None:
         self.layers, self.label = layers, label
+        self.entry, self.stateful = calls.entry, calls.stateful
         self.ops: dict[str, tuple[str, tuple]] = {}  # layer -> (op kind, (stride, padding, dilation))
         self.weights: dict[str, torch.Tensor] = {}  # the live weight of each tapped layer
 
@@ -102,11 +106,11 @@ class TorchScriptTaps(_Taps):
 
     holds_inputs = True
 
-    def __init__(self, archive, layers: dict[str, tuple[int, ...]], device: str = "cpu",
+    def __init__(self, archive, layers: dict[str, tuple[int, ...]], calls: Calls, device: str = "cpu",
                  label: str = "running the program") -> None:
         from factorize_cli.graphs.torchscript import attribute_path, walk
 
-        super().__init__(layers, label)
+        super().__init__(layers, calls, label)
         self.root = root = archive.module
         self.names: list[str] = []
         root._c._register_attribute("calibration__inputs", torch._C.ListType.ofTensors(), [])
@@ -127,6 +131,12 @@ class TorchScriptTaps(_Taps):
                     kind = "linear" if node.kind() == "aten::linear" else "conv"
                     self.ops[layer] = (kind, tuple(inputs[3:6]) if kind == "conv" else ())
                 _tap(graph, node, self.names.index(layer))
+        # run a fresh load of the instrumented code: torch may already hold an executor made from a method's
+        # graph as loaded (silero-vad's archive does), which would run it without the taps
+        buffer = io.BytesIO()
+        torch.jit.save(root, buffer)
+        buffer.seek(0)
+        self.root = root = torch.jit.load(buffer, map_location="cpu")
         state = root.state_dict()
         self.weights = {name: state[f"{name}.weight"] for name in self.names}
         root.eval()
@@ -136,10 +146,10 @@ class TorchScriptTaps(_Taps):
         for name in names:
             self.root._c.setattr(f"calibration__gate{self.names.index(name)}", value)
 
-    def _call(self, batch: Any) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
+    def _call(self, call: Call) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
         try:
             with torch.no_grad():
-                out = run_batch(self.root, batch)
+                out = run(self.root, call, self.entry)
             calls = list(zip(self.root._c.getattr("calibration__calls"), self.root._c.getattr("calibration__inputs")))
         except _RUN_ERRORS as e:
             raise self._failed(e) from e
@@ -148,19 +158,19 @@ class TorchScriptTaps(_Taps):
             self.root._c.setattr("calibration__calls", [])
         return out, [(self.names[i], x) for i, x in calls]
 
-    def run(self, batch: Any, names: Iterable[str], on_input, *, early: bool, values: bool = True) -> None:
+    def run(self, call: Call, names: Iterable[str], on_input, *, early: bool, values: bool = True) -> None:
         wanted = set(names) & set(self.names)
         self._gates(wanted if values else (), _BIG)
         try:
-            _, calls = self._call(batch)
+            _, calls = self._call(call)
         finally:
             self._gates(wanted, 0)
         for name, x in calls:
             if name in wanted:
                 on_input(name, x if values else object())
 
-    def output(self, batch: Any) -> Any:
-        return self._call(batch)[0]
+    def output(self, call: Call) -> Any:
+        return self._call(call)[0]
 
 
 def _tap(graph, node, index: int) -> None:
@@ -192,17 +202,21 @@ def _tap(graph, node, index: int) -> None:
 
 
 class ExportTaps(_Taps):
-    """:class:`~factorize_cli.runs.Taps` of a ``.pt2`` program: its module runs under an FX interpreter
-    that sees each call's input (and stops early when asked)."""
+    """:class:`~factorize_cli.runs.Taps` of a ``.pt2`` program: its module (a copy, never saved) gets a call
+    of a tap submodule before each tapped layer call, which hands the input over (and stops the run early
+    when asked, unless the calls carry state: a stopped call would not update it). The module's own
+    forward runs, so its argument handling and buffer updates are the program's."""
 
     holds_inputs = False
 
-    def __init__(self, program, layers: dict[str, tuple[int, ...]], device: str = "cpu",
+    def __init__(self, program, layers: dict[str, tuple[int, ...]], calls: Calls, device: str = "cpu",
                  label: str = "running the program") -> None:
-        super().__init__(layers, label)
+        super().__init__(layers, calls, label)
         self.module = program.module().to(device)
-        self.calls: dict[str, str] = {}  # call node -> layer
-        for n in self.module.graph.nodes:
+        self.tap = _Tap()
+        self.module.add_submodule("calibration__tap", self.tap)
+        graph = self.module.graph
+        for n in list(graph.nodes):
             target = getattr(n.target, "overloadpacket", None)
             name = target.__name__ if target is not None else ""
             if n.op == "call_function" and name in ("linear", "conv1d", "conv2d") and len(n.args) > 1 \
@@ -211,94 +225,93 @@ class ExportTaps(_Taps):
                 args = list(n.args) + [None] * 7
                 kind = "linear" if name == "linear" else "conv"
                 self.ops.setdefault(layer, (kind, (args[3], args[4], args[5]) if kind == "conv" else ()))
-                self.calls[n.name] = layer
+                with graph.inserting_before(n):
+                    graph.call_module("calibration__tap", (layer, n.args[0]))
+        self.module.recompile()
         self.weights = {layer: self.module.get_parameter(f"{layer}.weight") for layer in self.ops}
 
-    def run(self, batch: Any, names: Iterable[str], on_input, *, early: bool, values: bool = True) -> None:
-        from torch.fx import Interpreter
-
+    def run(self, call: Call, names: Iterable[str], on_input, *, early: bool, values: bool = True) -> None:
         from factorize_cli.runs import _Stop
 
-        wanted, calls = set(names), self.calls
-        pending = set(wanted)
-
-        class Tap(Interpreter):
-            def run_node(self, n):
-                layer = calls.get(n.name)
-                if layer in wanted:
-                    on_input(layer, self.env[n.args[0]])
-                    if early:
-                        pending.discard(layer)
-                        if not pending:
-                            raise _Stop
-                return super().run_node(n)
-
+        self.tap.arm(set(names), on_input, early and not self.stateful)
         try:
-            with torch.no_grad():
-                Tap(self.module).run(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
+            self.output(call)
         except _Stop:
             pass
-        except _RUN_ERRORS as e:
-            raise self._failed(e) from e
+        finally:
+            self.tap.arm(set(), None, False)
 
-    def output(self, batch: Any) -> Any:
+    def output(self, call: Call) -> Any:
         try:
             with torch.no_grad():
-                return run_batch(self.module, batch)
+                return run(self.module, call, self.entry)
         except _RUN_ERRORS as e:
             raise self._failed(e) from e
 
 
-def collect(taps: Any, batches: Iterable[Any]) -> dict[str, ActivationStats]:
-    """Each tapped layer's statistics over the batches."""
+class _Tap(torch.nn.Module):
+    """Called with (layer, input) before each tapped layer call of a .pt2 module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arm(set(), None, False)
+
+    def arm(self, wanted: set[str], on_input, early: bool) -> None:
+        self.wanted, self.on_input, self.early, self.pending = wanted, on_input, early, set(wanted)
+
+    def forward(self, layer: str, x: torch.Tensor) -> None:
+        from factorize_cli.runs import _Stop
+
+        if layer in self.wanted:
+            self.on_input(layer, x)
+            self.pending.discard(layer)
+            if self.early and not self.pending:
+                raise _Stop
+
+
+def collect(taps: Any, calls: Calls) -> dict[str, ActivationStats]:
+    """Each tapped layer's statistics over the calls. Rows are added a block at a time: a streaming call
+    gives a layer a few rows, and each addition costs a full ``fan_in x fan_in`` update."""
     stats = {name: ActivationStats.empty(math.prod(taps.layers[name][1:])) for name in taps.ops}
+    pending: dict[str, list[torch.Tensor]] = {name: [] for name in stats}
+    held = dict.fromkeys(stats, 0)  # rows pending
+
+    def flush(name: str) -> None:
+        if pending[name]:
+            stats[name].add(torch.cat(pending[name]))
+            pending[name], held[name] = [], 0
 
     def add(name: str, x: torch.Tensor) -> None:
-        stats[name].add(taps.rows(name, x).cpu())
+        pending[name].append(taps.rows(name, x).cpu())
+        held[name] += len(pending[name][-1])
+        if held[name] >= _BLOCK:
+            flush(name)
 
-    for batch in batches:
-        taps.run(batch, list(taps.ops), add, early=False)
+    for call in calls:
+        taps.run(call, list(taps.ops), add, early=False)
+    for name in stats:
+        flush(name)
     return stats
 
 
-def load_batches(inputs: str | Path, device: str = "cpu") -> list:
-    """Input batches saved with torch.save (a tensor, or a list of tensors or tuples of tensors), on ``device``."""
-    from factorize_cli.errors import InputError, describe
-
-    try:
-        loaded = torch.load(inputs, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise InputError(f"{inputs}: no such file") from None
-    except Exception as e:
-        raise InputError(f"{inputs}: not a torch.save file of input tensors ({describe(e)})") from e
-    if isinstance(loaded, torch.Tensor):
-        batches = [loaded]
-    elif isinstance(loaded, (list, tuple)) and loaded and all(
-            isinstance(b, torch.Tensor) or (isinstance(b, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in b))
-            for b in loaded):
-        batches = list(loaded)
-    else:
-        raise InputError(f"{inputs}: expected a tensor or a list of batches (tensors or tuples of tensors)")
-    return [tuple(t.to(device) for t in b) if isinstance(b, (list, tuple)) else b.to(device) for b in batches]
-
-
-def calibrate_checkpoint(model: str | Path, inputs: str | Path, stats: str | Path, *, device: str = "cpu",
-                         force: bool = False) -> dict[str, Any]:
-    """Run a TorchScript or .pt2 model on saved inputs and write each candidate layer's statistics."""
+def calibrate_checkpoint(model: str | Path, inputs: str | Path, stats: str | Path, *, entry: Entry = Entry(),
+                         device: str = "cpu", force: bool = False) -> dict[str, Any]:
+    """Run a TorchScript or .pt2 model on the calls of INPUTS (:mod:`~factorize_cli.graphs.calls`) and write
+    each candidate layer's statistics."""
     from factorize_cli.calibration import save_activation_stats
-    from factorize_cli.errors import InputError, describe
+    from factorize_cli.errors import describe
     from factorize_cli.formats import open_checkpoint
     from factorize_cli.outputs import check_targets
 
     stats, model = Path(stats), Path(model)
     check_targets({"statistics": stats}, [model, Path(inputs)], force=force)
-    batches = load_batches(inputs, device)
+    calls = load_calls(inputs, entry, device)
     with open_checkpoint(model) as checkpoint:
         try:
-            collected = checkpoint.handler.calibrate(checkpoint, batches, device)
+            collected = checkpoint.handler.calibrate(checkpoint, calls, device)
         except RuntimeError as e:
             raise InputError(f"{model}: running the model on {inputs} failed ({describe(e)})") from e
     save_activation_stats(collected, stats, {"model": str(model), "inputs": str(inputs),
-                                             "batches": str(len(batches))})
+                                             "batches": str(len(calls)), "calls": calls.summary()})
     return {"stats": str(stats), "layers": {name: s.count for name, s in sorted(collected.items())},
-            "batches": len(batches)}
+            "batches": len(calls), "sequences": len(calls.sequences)}

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from factorize_cli.config import SelectionConfig
     from factorize_cli.execution import LayerWork
     from factorize_cli.formats.base import Checkpoint
+    from factorize_cli.graphs.calls import Calls
     from factorize_cli.planning import Plan
     from factorize_cli.selection import Candidate
 
@@ -53,6 +54,7 @@ class GraphFormat:
     output: OutputKind  # what it writes
     accepted: OutputKind  # the output path's kind that names it
     suffixes: str  # for the error message
+    module_of: Callable[[Any], Any]  # the runnable module of a loaded program
 
     def _pass(self) -> Any:
         return import_module(f"factorize_cli.graphs.{self.module}")
@@ -98,29 +100,37 @@ class GraphFormat:
     def verifier(self, checkpoint: Checkpoint, source: Path) -> Callable[..., dict[str, Any]]:
         from factorize_cli.graphs.verify import verify
 
-        return lambda written, specs, tolerance: verify(self.name, source, written, specs, tolerance)
+        def run(written: Path, inputs: Any, tolerance: float) -> dict[str, Any]:
+            inputs.calls.check(self.module_of(checkpoint.container), self.what, source)
+            return verify(self.name, source, written, inputs, tolerance)
+
+        return run
 
     def runnable(self, checkpoint: Checkpoint) -> Any:
         from factorize_cli.graphs.live import GraphProgram
 
         return GraphProgram(self, Path(checkpoint.path))
 
-    def calibrate(self, checkpoint: Checkpoint, batches: list, device: str) -> dict:
+    def calibrate(self, checkpoint: Checkpoint, calls: Calls, device: str) -> dict:
         from factorize_cli.graphs import calibrate
 
-        return calibrate.collect(self.tap(checkpoint.container, device,
-                                          f"{checkpoint.path}: running the model on its inputs"), batches)
+        return calibrate.collect(self.tap(checkpoint.container, calls, device,
+                                          f"{checkpoint.path}: running the model on its inputs"), calls)
 
-    def tap(self, container: Any, device: str, label: str = "running the program") -> Any:
-        """The taps of a loaded program (instrumented: give a copy that is not written), on ``device``."""
+    def tap(self, container: Any, calls: Calls, device: str, label: str = "running the program") -> Any:
+        """The taps of a loaded program (instrumented: give a copy that is not written), on ``device``, for
+        ``calls`` (checked against the program's methods first)."""
         from factorize_cli.graphs import calibrate
 
+        calls.check(self.module_of(container), self.what, calls.source)
         layers = {c.name: c.weight.shape for c in self._pass().candidates(container) if c.unsafe is None}
-        return getattr(calibrate, self.taps)(container, layers, device, label)
+        return getattr(calibrate, self.taps)(container, layers, calls, device, label)
 
 
 TORCHSCRIPT = GraphFormat("torchscript", "TorchScript archive", _load_torchscript, "torchscript",
-                          "TorchScriptTaps", OutputKind.TORCHSCRIPT, OutputKind.TORCH, ".pt or .jit")
+                          "TorchScriptTaps", OutputKind.TORCHSCRIPT, OutputKind.TORCH, ".pt or .jit",
+                          lambda archive: archive.module)
 TORCH_EXPORT = GraphFormat("torch-export", "torch.export program", _load_exported, "export", "ExportTaps",
-                           OutputKind.TORCH_EXPORT, OutputKind.TORCH_EXPORT, ".pt2")
+                           OutputKind.TORCH_EXPORT, OutputKind.TORCH_EXPORT, ".pt2",
+                           lambda program: program.module())
 BY_NAME = {f.name: f for f in (TORCHSCRIPT, TORCH_EXPORT)}

@@ -23,21 +23,22 @@ from factorize_cli.formats.base import Checkpoint
 
 @dataclass(frozen=True)
 class GraphProgram:
-    """A TorchScript archive or ``.pt2`` program, run on the input batches ``factorize calibrate`` takes."""
+    """A TorchScript archive or ``.pt2`` program, run on the calls ``factorize calibrate`` takes
+    (:mod:`~factorize_cli.graphs.calls`; ``entry``: ``--method``/``--reset``)."""
 
     format: Any  # its GraphFormat
     source: Path
 
     def run(self, checkpoint: Checkpoint, config: Any, data: Path, *, sequential: bool, text: Any,
-            progress: Any) -> Ran:
+            progress: Any, entry: Any = None) -> Ran:
         from factorize_cli.api import Subject, run_subject
-        from factorize_cli.graphs.calibrate import load_batches
+        from factorize_cli.graphs.calls import Entry, load_calls
         from factorize_cli.runs import WeightSwaps
         from factorize_cli.sensitivity import approximation
 
-        batches = load_batches(data, config.device)
+        calls = load_calls(data, entry or Entry(), config.device)
         container, _ = self.format.loader(self.source)  # the copy the run instruments and changes
-        taps = self.format.tap(container, config.device, f"{self.source}: running the program on {data}")
+        taps = self.format.tap(container, calls, config.device, f"{self.source}: running the program on {data}")
         swaps = WeightSwaps(taps.weights)
         factors: dict[str, Factors] = {}
 
@@ -47,5 +48,5 @@ class GraphProgram:
 
         candidates, notes = checkpoint.handler.candidates(checkpoint, config.selection)
         subject = Subject(tuple(candidates), taps.weights, taps, install, checkpoint.path, checkpoint.format, notes)
-        run = run_subject(subject, config, batches, swaps, sequential=sequential, progress=progress)
+        run = run_subject(subject, config, calls, swaps, sequential=sequential, progress=progress)
         return Ran(run.plan, factors, run.results, {n: m.value for n, m in run.methods.items()}, run.notes)
