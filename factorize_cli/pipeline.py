@@ -205,8 +205,10 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
             raise UsageError("--data calibrates as it goes: drop --calibration")
         run = ApplyWithData(*args, data=Path(data), text=text or TextDataConfig(), sequential=sequential,
                             entry=entry)
-    check_targets({"output": output, "report": run.report_path, "HTML report": run.html_path},
-                  _inputs(source, config) + ([Path(data)] if data is not None else []), force=force)
+    read = _inputs(source, config) + ([Path(data)] if data is not None else [])
+    if run.specs is not None and not run.specs.specs:  # --verify FILE: an input too
+        read.append(Path(run.specs.calls.source))
+    check_targets({"output": output, "report": run.report_path, "HTML report": run.html_path}, read, force=force)
     with open_checkpoint(source, unsafe_pickle=unsafe_pickle) as checkpoint, \
             Whitener(config.calibration, keep_for_apply=True) as whitener:
         report = run.run(checkpoint, whitener)

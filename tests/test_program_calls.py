@@ -105,6 +105,10 @@ def test_scalars_lists_and_keyword_arguments(cli, tmp_path, fmt):
     assert stats["fc"].count == 12 and torch.allclose(stats["fc"].xtx, expected_moments(fc_in), rtol=1e-5)
     assert torch.allclose(stats["out"].xtx, expected_moments(out_in), rtol=1e-4)
 
+    before = (tmp_path / "calls.pt").read_bytes()  # the inputs file is an input: never the output
+    r = cli("apply", path, tmp_path / "calls.pt", "--verify", tmp_path / "calls.pt", "--force", *TOL, *SMALL)
+    assert r.code == 2 and "would overwrite the input" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert (tmp_path / "calls.pt").read_bytes() == before
     r = cli("apply", path, tmp_path / f"small{path.suffix}", "--verify", tmp_path / "calls.pt", *TOL, *SMALL)
     assert r.code == 0, r.stderr
     verify = r.json["verify"]
