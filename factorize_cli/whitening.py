@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -57,6 +58,7 @@ class Whitener:
         self._failed: dict[str, Reason] = {}
         self._spill_dir: Path | None = None
         self._spills = 0
+        self._lock = threading.Lock()  # layers are factorized two at a time: one pair computed at a time
 
     @property
     def active(self) -> bool:
@@ -93,7 +95,11 @@ class Whitener:
                     self._due[self.stats.canonical(name)] += times
 
     def pair(self, name: str) -> Pair | Reason:
-        """``(S, S^-1)`` for the layer's input, or why it cannot be whitened."""
+        """``(S, S^-1)`` for the layer's input, or why it cannot be whitened (thread-safe)."""
+        with self._lock:
+            return self._pair(name)
+
+    def _pair(self, name: str) -> Pair | Reason:
         assert self.stats is not None, "pair() of a whitener without statistics"
         canonical = self.stats.canonical(name)
         self._due[canonical] = max(self._due[canonical] - 1, 0)
