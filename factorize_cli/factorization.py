@@ -317,6 +317,37 @@ def whitening(second_moment: torch.Tensor, floor: float = 1e-6) -> tuple[torch.T
     return (q * root) @ q.T, (q / root) @ q.T
 
 
+def cholesky_whitening(second_moment: torch.Tensor, floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, L^-1)`` with ``L`` the lower Cholesky factor of ``C + d I`` (``L L^T = C + d I``), float64.
+
+    Any ``S`` with ``S S^T = C`` whitens: ``||(W - W') S||_F^2 = tr((W - W') C (W - W')^T)``, so truncating
+    ``W L`` is as good as truncating ``W C^(1/2)`` (same singular values), at a ``fan_in^3 / 3`` factorization
+    instead of an eigendecomposition (1 s instead of ~90 s for a 5632-wide input on two cores).
+    ``d = 0`` when ``C`` factors with every pivot above ``floor`` times its largest diagonal entry; else
+    ``d = floor * max(diag C)`` (raised tenfold until the factorization succeeds) keeps a singular or
+    slightly indefinite ``C`` invertible with a bounded ``L^-1``, as :func:`whitening`'s eigenvalue floor does.
+    """
+    c = second_moment.to(torch.float64)
+    c = c + c.T
+    c /= 2
+    n = c.shape[0]
+    diag = torch.diagonal(c)
+    scale = float(diag.max()) if n else 0.0
+    if not math.isfinite(scale) or scale <= 0 or not bool(torch.isfinite(c).all()):
+        raise ValueError("the second moment is zero or not finite")
+    ridge, added = floor * scale, 0.0
+    for _ in range(9):
+        lower, info = torch.linalg.cholesky_ex(c)
+        if int(info) == 0 and float(torch.diagonal(lower).square().min()) >= ridge:
+            del c
+            inverse = torch.linalg.solve_triangular(lower, torch.eye(n, dtype=torch.float64), upper=False)
+            return lower, inverse
+        step = ridge * (1.0 if added == 0.0 else 9.0)  # the total ridge: floor * max(diag), then tenfold
+        diag += step
+        added += step
+    raise ValueError("the second moment is not positive semi-definite")
+
+
 def output_space(geometry: Geometry) -> Geometry:
     """The plain ``out x fan_in`` matrix a whitened factorization works on, whatever the layer kind."""
     return Geometry(geometry.kind.LINEAR, geometry.out_features, geometry.fan_in, (), False)
@@ -347,20 +378,27 @@ class WhitenedOutcome:
 def factorize_whitened(weight: torch.Tensor, geometry: Geometry, rank: int, root: torch.Tensor,
                        root_inverse: torch.Tensor, *, engine: str = "auto", seed: int = 0,
                        device: str = "cpu") -> WhitenedOutcome:
-    """Factors minimising ``||(W - W') X||_F`` for inputs with second moment ``S S``: truncate the SVD
-    of ``W S`` and map the input-side factor back with ``S^-1`` (SVD-LLM's whitening)."""
-    w = as_matrix(weight, geometry).to(torch.float64)
-    m = w @ root
+    """Factors minimising ``||(W - W') X||_F`` for inputs with second moment ``S S^T``: truncate the SVD
+    of ``W S`` and map the input-side factor back with ``S^-1`` (SVD-LLM's whitening). The products run
+    in the working precision of the engine (float32 for auto on float32/bf16/fp16 weights), with the
+    same engines and checks as a plain factorization."""
+    dtype = working_dtype(weight, "exact" if engine == "exact" else "gram")
+    root, root_inverse = root.to(device=device, dtype=dtype), root_inverse.to(device=device, dtype=dtype)
+    m = as_matrix(weight, geometry).to(device=device, dtype=dtype) @ root
     inner = factorize_checked(m, output_space(geometry), rank, engine=engine, seed=seed, device=device, measure=False)
-    second = inner.factors.second.reshape(geometry.out_features, rank)
-    second, first = balance(second, inner.factors.first.reshape(rank, geometry.fan_in) @ root_inverse)
+    second = inner.factors.second.reshape(geometry.out_features, rank).to(device=device)
+    first = inner.factors.first.reshape(rank, geometry.fan_in).to(device=device) @ root_inverse
+    second, first = balance(second, first)
     first_shape, second_shape = geometry.factor_shapes(rank)
-    first = first.reshape(first_shape).to(weight.dtype).contiguous()
-    second = second.reshape(second_shape).to(weight.dtype).contiguous()
+    first = first.reshape(first_shape).to(device="cpu", dtype=weight.dtype).contiguous()
+    second = second.reshape(second_shape).to(device="cpu", dtype=weight.dtype).contiguous()
     factors = replace(inner.factors, first=first, second=second)
-    achieved = factors_error(weight, first, second, geometry)
-    approx = second.to(torch.float64).reshape(geometry.out_features, rank) @ \
-        first.to(torch.float64).reshape(rank, geometry.fan_in)
+    precise = dtype == torch.float64 or inner.factors.stats.relative_error < PRECISE_BELOW
+    achieved = factors_error(weight, first, second, geometry, precise=precise, device=device)
+    # (W - W') S = W S - A (B S), from the stored factors, without an out x fan_in float64 product
+    a = second.reshape(geometry.out_features, rank).to(device=device, dtype=m.dtype)
+    b_root = first.reshape(rank, geometry.fan_in).to(device=device, dtype=m.dtype) @ root
     total = sum_squares(m)
-    output_error = math.sqrt(sum_squares((w - approx) @ root) / total) if total else 0.0
+    residual = sum_squares(torch.addmm(m, a, b_root, alpha=-1))
+    output_error = math.sqrt(residual / total) if total else 0.0
     return WhitenedOutcome(Outcome(factors, achieved, inner.engine), output_error)

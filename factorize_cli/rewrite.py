@@ -132,11 +132,12 @@ def execute(checkpoint: Checkpoint, layout: list[Placed], work: LayerWork) -> It
 
 
 def _split_cores(work: LayerWork) -> tuple[int, int]:
-    """(layers factorized at once, math threads each): two layers on CPUs with two or more cores."""
+    """(layers factorized at once, math threads each): two layers on CPUs with two or more cores; one
+    when whitening (the whitener holds one float64 pair in memory at a time) or on an accelerator."""
     import torch
 
     threads = torch.get_num_threads()
-    if work.config.device != "cpu" or threads < 2:
+    if work.config.device != "cpu" or threads < 2 or work.whitener.active:
         return 1, threads
     return 2, threads // 2
 
