@@ -62,12 +62,27 @@ def _chebyshev(g: torch.Tensor, x: torch.Tensor, gx: torch.Tensor, degree: int, 
     return y
 
 
+def _degree(top: float, low: float, cut: float, most: int, limit: float) -> int:
+    """The highest degree (at most ``most``) whose filter amplifies ``top`` at most ``limit`` times more
+    than ``low``: a column's rounding along the top eigenvectors must not swamp what it is converging to."""
+    def t(d: int, x: float) -> float:
+        return math.cosh(d * math.acosh(x)) if x >= 1 else 1.0
+
+    xt, xl = 2 * top / cut - 1, 2 * low / cut - 1
+    degree = 1
+    while degree < most and t(degree + 1, xt) <= limit * t(degree + 1, xl):
+        degree += 1
+    return degree
+
+
 def top_eigenpairs(g: torch.Tensor, count: int, *, seed: int = 0, tol: float = 1e-3, oversample: int | None = None,
                    degree: int = 4, max_rounds: int = 8) -> Eigenpairs:
-    """The ``count`` largest eigenpairs of the symmetric PSD ``g`` (see the module docstring)."""
+    """The ``count`` largest eigenpairs of the symmetric PSD ``g`` (see the module docstring). Leading
+    Ritz vectors whose own bound is negligible are locked: only the rest is filtered, projected off them."""
     m = g.shape[0]
     block = min(m, count + (oversample if oversample is not None else max(32, count // 4)))
     trace = float(torch.diagonal(g).to(torch.float64).sum())
+    limit = 1e4 if g.dtype != torch.float64 else 1e10
     gen = torch.Generator(device="cpu").manual_seed(seed)
     y = g @ torch.randn(m, block, generator=gen, dtype=g.dtype).to(g.device)
     x = _orthonormal(y / y.norm(dim=0).clamp_min(torch.finfo(y.dtype).tiny))
@@ -82,13 +97,22 @@ def top_eigenpairs(g: torch.Tensor, count: int, *, seed: int = 0, tol: float = 1
         captured = float(top.sum())
         floor = float(theta[-1].clamp_min(0))
         residual = (gx[:, :count] - x[:, :count] * theta[:count].to(g.dtype)).to(torch.float64)
-        rho2 = residual.square().sum(0)
         gaps = (top - floor).clamp_min(float(top[0]) * 1e-12 + 1e-300)
-        deficit = 2.0 * float((rho2 / gaps).sum())
+        bounds = 2.0 * residual.square().sum(0) / gaps
+        deficit = float(bounds.sum())
         dropped = max(trace - captured, 0.0)
         if deficit <= tol * dropped or block == m or rounds >= max_rounds:
             converged = deficit <= tol * dropped or block == m
             return Eigenpairs(theta, x[:, :count].contiguous(), converged, rounds, deficit, trace)
         rounds += 1
-        y = _chebyshev(g, x, gx, degree, floor * 1.01 if floor > 0 else float(theta[0]) * 1e-6, float(theta[0]))
-        x = _orthonormal(y / y.norm(dim=0).clamp_min(torch.finfo(y.dtype).tiny))
+        settled = (bounds <= 0.1 * tol * dropped / count).tolist()
+        locked = next((j for j, ok in enumerate(settled) if not ok), count)
+        cut = floor * 1.01 if floor > 0 else float(theta[0]) * 1e-6
+        d = _degree(float(theta[locked]), float(theta[count - 1]), cut, degree, limit)
+        y = _chebyshev(g, x[:, locked:], gx[:, locked:], d, cut, float(theta[locked]))
+        if locked:
+            kept = x[:, :locked]
+            for _ in range(2):
+                y = y - kept @ (kept.T @ y)
+        active = _orthonormal(y / y.norm(dim=0).clamp_min(torch.finfo(y.dtype).tiny))
+        x = torch.cat([x[:, :locked], active], dim=1) if locked else active
