@@ -317,8 +317,9 @@ def whitening(second_moment: torch.Tensor, floor: float = 1e-6) -> tuple[torch.T
     return (q * root) @ q.T, (q / root) @ q.T
 
 
-def cholesky_whitening(second_moment: torch.Tensor, floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L, L^-1)`` with ``L`` the lower Cholesky factor of ``C + d I`` (``L L^T = C + d I``), float64.
+def cholesky_whitening(second_moment: torch.Tensor, floor: float = 1e-6) -> tuple[torch.Tensor, None]:
+    """``(L, None)`` with ``L`` the lower Cholesky factor of ``C + d I`` (``L L^T = C + d I``), float64; no
+    inverse: :func:`factorize_whitened` maps back by a triangular solve (``r fan_in^2``, not ``fan_in^3``).
 
     Any ``S`` with ``S S^T = C`` whitens: ``||(W - W') S||_F^2 = tr((W - W') C (W - W')^T)``, so truncating
     ``W L`` is as good as truncating ``W C^(1/2)`` (same singular values), at a ``fan_in^3 / 3`` factorization
@@ -339,9 +340,7 @@ def cholesky_whitening(second_moment: torch.Tensor, floor: float = 1e-6) -> tupl
     for _ in range(9):
         lower, info = torch.linalg.cholesky_ex(c)
         if int(info) == 0 and float(torch.diagonal(lower).square().min()) >= ridge:
-            del c
-            inverse = torch.linalg.solve_triangular(lower, torch.eye(n, dtype=torch.float64), upper=False)
-            return lower, inverse
+            return lower, None
         step = ridge * (1.0 if added == 0.0 else 9.0)  # the total ridge: floor * max(diag), then tenfold
         diag += step
         added += step
@@ -376,18 +375,21 @@ class WhitenedOutcome:
 
 
 def factorize_whitened(weight: torch.Tensor, geometry: Geometry, rank: int, root: torch.Tensor,
-                       root_inverse: torch.Tensor, *, engine: str = "auto", seed: int = 0,
+                       root_inverse: torch.Tensor | None, *, engine: str = "auto", seed: int = 0,
                        device: str = "cpu") -> WhitenedOutcome:
     """Factors minimising ``||(W - W') X||_F`` for inputs with second moment ``S S^T``: truncate the SVD
-    of ``W S`` and map the input-side factor back with ``S^-1`` (SVD-LLM's whitening). The products run
+    of ``W S`` and map the input-side factor back with ``S^-1`` (SVD-LLM's whitening); ``root_inverse``
+    None: ``S`` is lower triangular (:func:`cholesky_whitening`) and is solved with. The products run
     in the working precision of the engine (float32 for auto on float32/bf16/fp16 weights), with the
     same engines and checks as a plain factorization."""
     dtype = working_dtype(weight, "exact" if engine == "exact" else "gram")
-    root, root_inverse = root.to(device=device, dtype=dtype), root_inverse.to(device=device, dtype=dtype)
+    root = root.to(device=device, dtype=dtype)
     m = as_matrix(weight, geometry).to(device=device, dtype=dtype) @ root
     inner = factorize_checked(m, output_space(geometry), rank, engine=engine, seed=seed, device=device, measure=False)
     second = inner.factors.second.reshape(geometry.out_features, rank).to(device=device)
-    first = inner.factors.first.reshape(rank, geometry.fan_in).to(device=device) @ root_inverse
+    first = inner.factors.first.reshape(rank, geometry.fan_in).to(device=device)
+    first = first @ root_inverse.to(device=device, dtype=dtype) if root_inverse is not None else \
+        torch.linalg.solve_triangular(root, first, upper=False, left=False)
     second, first = balance(second, first)
     first_shape, second_shape = geometry.factor_shapes(rank)
     first = first.reshape(first_shape).to(device="cpu", dtype=weight.dtype).contiguous()

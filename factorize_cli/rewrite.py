@@ -133,7 +133,8 @@ def execute(checkpoint: Checkpoint, layout: list[Placed], work: LayerWork) -> It
 
 def _split_cores(work: LayerWork) -> tuple[int, int]:
     """(layers factorized at once, math threads each): two layers on CPUs with two or more cores; one
-    when whitening (the whitener holds one float64 pair in memory at a time) or on an accelerator."""
+    when whitening (the whitener holds one float64 pair in memory at a time; two workers measured slower,
+    waiting on each other's whitening) or on an accelerator."""
     import torch
 
     threads = torch.get_num_threads()
