@@ -226,8 +226,9 @@ def markdown(rows: list[dict], command: str) -> str:
         "per weight, save) ran in the same run. Error excess: worst layer's achieved relative error over the",
         "Eckart-Young optimum from float64 singular values. CPU use: the command's CPU seconds over its wall",
         f"seconds and the {os.cpu_count()} cores (100% = every core busy for the whole run, start-up included).",
-        "The calibrated row runs `--calibration` with synthetic statistics (see the section below) and is",
-        "compared with the plain row of the same checkpoint in the same run.",
+        "The calibrated row runs `--calibration` with synthetic statistics (as in the section below) and is",
+        "compared with the plain row of the same checkpoint in the same run; the section below is an older",
+        "before/after comparison (`--calibrated`), kept until it is rerun.",
         "",
         "| checkpoint | size | baseline | factorize | speed-up | baseline peak RSS | factorize peak RSS | "
         "worst error excess (factorize / baseline) | engines | identical bytes on rerun | CPU use |",
@@ -326,6 +327,16 @@ def calibrated(label: str, source: Path, stats: Path, extra: list[str], before: 
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def stages(source: Path) -> str:
+    """scripts/stages.py on the slice's gate_proj: where the time of one 2048x5632 matrix goes."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "stages.py"), str(source)], capture_output=True,
+                         text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout
+    return "\n".join(["## Where the time of one matrix goes", "",
+                      "`scripts/stages.py` (run by `make bench` after the table): one 2048x5632 bf16 matrix at rank 512 in one",
+                      "process, best of three, against the naive float32 SVD in the same process.", "", "```",
+                      out.rstrip(), "```", ""])
 
 
 CALIBRATED_HEADING = "## Calibrated runs (`--calibration`)"
@@ -438,7 +449,7 @@ def main() -> None:
         compare("llama-1.1b whole (bf16)", whole, extra, rows, baseline=False, errors=False)
         plan_time(whole, "llama-1.1b whole", rows)
     command = "python scripts/bench.py" + (" --quick" if args.quick else "") + (f" --extra '{args.extra}'" if extra else "")
-    write_section(Path(args.out), markdown(rows, command), None)
+    write_section(Path(args.out), markdown(rows, command) + "\n" + stages(piece), None)
     print(f"wrote {args.out}")
 
 
