@@ -134,11 +134,13 @@ def execute(checkpoint: Checkpoint, layout: list[Placed], work: LayerWork) -> It
 def _split_cores(work: LayerWork) -> tuple[int, int]:
     """(layers factorized at once, math threads each): two layers on CPUs with two or more cores; one
     when whitening (the whitener holds one float64 pair in memory at a time; two workers measured slower,
-    waiting on each other's whitening) or on an accelerator."""
+    waiting on each other's whitening), on an accelerator, or for work that computes nothing (factors given
+    by a live run)."""
     import torch
 
     threads = torch.get_num_threads()
-    if work.config.device != "cpu" or threads < 2 or work.whitener.active:
+    config, whitener = getattr(work, "config", None), getattr(work, "whitener", None)
+    if config is None or config.device != "cpu" or threads < 2 or (whitener is not None and whitener.active):
         return 1, threads
     return 2, threads // 2
 
