@@ -31,20 +31,34 @@ def layer_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63)
 
 
+class NonFiniteWeight(Exception):
+    """A planned layer's weight holds NaN or Inf (found while factorizing a plan made from headers)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"{name}: weight holds NaN or Inf values")
+        self.name = name
+
+
 @dataclass
 class LayerWork:
-    """Factorizes planned layers; the writer records each result and advances the progress."""
+    """Factorizes planned layers; the writer records each result and advances the progress.
+
+    ``check_finite``: the plan was made without reading the weights, so each weight is checked here,
+    on the read that factorizes it, and :class:`NonFiniteWeight` sends the caller back to planning."""
 
     config: FactorizeConfig
     whitener: Whitener
     progress: Progress = field(default_factory=Silent)
     results: dict[str, LayerResult] = field(default_factory=dict)
+    check_finite: bool = False
 
     def factorize(self, layer: LayerPlan, weight: torch.Tensor) -> tuple[Outcome, LayerResult]:
         """The factors of one planned layer (whitened when calibrated) and what they achieved."""
-        from factorize_cli.factorization import factorize_checked, sum_squares
+        from factorize_cli.factorization import all_finite, factorize_checked, sum_squares
 
         config, weight = self.config, weight.detach()
+        if self.check_finite and not all_finite(weight):
+            raise NonFiniteWeight(layer.name)
         seed = layer_seed(config.seed, layer.name)
         whitened = self.whitener.factorize(weight, layer, engine=config.svd, seed=seed, device=config.device) \
             if layer.calibrated else None
@@ -67,22 +81,27 @@ class LayerWork:
         return outcome
 
 
+NON_FINITE = "weight holds NaN or Inf values"
+
+
 def inspector(checkpoint: Checkpoint, config: FactorizeConfig, whitener: Whitener, keys: list[str], *,
-              spectra: bool, progress: Progress) -> Inspector:
-    """Look at each layer still in the running (their weights, ``keys``, are read ahead in this order):
-    refuse non-finite weights, note whether activation statistics cover it, and read its spectrum
+              spectra: bool, progress: Progress, read_weights: bool = True,
+              non_finite: frozenset[str] = frozenset()) -> Inspector:
+    """Look at each layer still in the running (their weights, ``keys``, are read ahead in this order
+    when ``spectra`` or ``read_weights``): refuse non-finite weights (and the layers in ``non_finite``,
+    found so by an earlier read), note whether activation statistics cover it, and read its spectrum
     (of ``W S`` when whitened) if asked."""
     from factorize_cli.factorization import all_finite, choose_engine, singular_values
 
-    weights = prefetch(checkpoint, iter(keys))
+    weights = prefetch(checkpoint, iter(keys)) if spectra or read_weights else None
 
     def inspect(layer: LayerPlan) -> LayerPlan:
-        weight = next(weights)
+        weight = next(weights) if weights is not None else None
         try:
-            if tuple(weight.shape) != layer.candidate.weight.shape:
+            if weight is not None and tuple(weight.shape) != layer.candidate.weight.shape:
                 raise RuntimeError(f"internal error: read-ahead out of step at {layer.name}")
-            if not all_finite(weight):
-                return layer.skipped(SkipReason.NON_FINITE, "weight holds NaN or Inf values")
+            if layer.name in non_finite or (weight is not None and not all_finite(weight)):
+                return layer.skipped(SkipReason.NON_FINITE, NON_FINITE)
             if whitener.active:
                 why_not = whitener.why_not(layer)
                 layer = replace(layer, calibrated=why_not is None, detail=why_not or "",

@@ -13,6 +13,11 @@ caller transposes tall ones) and returns ``(u, p, sigma)`` with ``u`` orthonorma
 - ``gram``: eigendecomposition of ``a a^T`` (``m x m``, the smaller side). Squaring the
   condition number loses the smallest singular values, not the top subspace, so the
   truncation stays optimal to ~1e-6 unless almost nothing is dropped (``auto`` checks).
+- ``subspace``: the top ``r`` eigenpairs of the same Gram matrix by Chebyshev-filtered subspace
+  iteration (:mod:`factorize_cli.eigen`): matrix products only, 2-10x faster than a full ``eigh``
+  for ``r`` up to about a third of the small side. It stops when its residual bound puts the
+  truncation within ~0.05% of the optimum and raises :class:`NotConverged` otherwise; it knows
+  only the top singular values (``trace(a a^T)`` gives the total energy).
 - ``randomized``: a seeded range finder with oversampling and power iterations, stopped
   when the captured energy has converged; only the top singular values are known.
 """
@@ -62,6 +67,25 @@ def gram_svd(a: torch.Tensor, rank: int, seed: int = 0) -> Decomposition:
     return u, u.T @ a, sigma
 
 
+class NotConverged(RuntimeError):
+    """The subspace iteration did not certify its truncation: the caller falls back to a full ``eigh``."""
+
+
+def gram(a: torch.Tensor) -> torch.Tensor:
+    """``a a^T`` (the small side), symmetric by construction."""
+    return a @ a.T
+
+
+def subspace_svd(a: torch.Tensor, rank: int, seed: int = 0) -> Decomposition:
+    from factorize_cli.eigen import top_eigenpairs
+
+    pairs = top_eigenpairs(gram(a), rank, seed=seed)
+    if not pairs.converged:
+        raise NotConverged(f"subspace iteration: estimated deficit {pairs.deficit:.3g} after {pairs.rounds} rounds")
+    u = pairs.vectors
+    return u, u.T @ a, pairs.values[:rank].clamp_min(0).sqrt()
+
+
 def randomized_svd(a: torch.Tensor, rank: int, seed: int = 0, *, max_power: int = 8,
                    tol: float = 1e-5) -> Decomposition:
     m, n = a.shape
@@ -83,7 +107,8 @@ def randomized_svd(a: torch.Tensor, rank: int, seed: int = 0, *, max_power: int 
     return u, u.T @ a, s
 
 
-ENGINES: dict[str, Engine] = {"exact": exact_svd, "gram": gram_svd, "randomized": randomized_svd}
+ENGINES: dict[str, Engine] = {"exact": exact_svd, "gram": gram_svd, "subspace": subspace_svd,
+                              "randomized": randomized_svd}
 
 
 @dataclass(frozen=True)
@@ -187,21 +212,23 @@ def relative_error(weight: torch.Tensor, approximation: torch.Tensor) -> float:
 
 
 def factors_error(weight: torch.Tensor, first: torch.Tensor, second: torch.Tensor, geometry: Geometry, *,
-                  precise: bool = True, device: str = "cpu") -> float:
-    """``||W - second @ first||_F / ||W||_F`` without forming the product:
-    ``||W||^2 - 2 <A^T W, B> + <A^T A, B B^T>``. ``precise`` computes in float64; otherwise
-    float32 products summed in float64 (good to ~1e-5 relative when the error is not tiny)."""
+                  precise: bool = True, device: str = "cpu", rows: int = 512) -> float:
+    """``||W - second @ first||_F / ||W||_F``, from the residual a block of rows at a time (no full-size
+    temporary). ``precise`` computes in float64; otherwise float32 products with every square summed in
+    float64: the residual's entries carry ~1e-6 of ``|W|``, so the error is good to ~1e-5 of itself
+    when it is above 1e-2 (the Gram form ``||W||^2 - 2<.,.> + <.,.>`` would lose its square)."""
     dtype = torch.float64 if precise else torch.float32
     rank = first.shape[0]
-    w = as_matrix(weight, geometry).to(device=device, dtype=dtype)
+    w = as_matrix(weight, geometry)
     a = second.reshape(geometry.out_features, rank).to(device=device, dtype=dtype)
     b = first.reshape(rank, geometry.fan_in).to(device=device, dtype=dtype)
-    total = sum_squares(w)
-    if total == 0.0:
-        return 0.0
-    cross = float(((a.T @ w) * b).sum(dtype=torch.float64))
-    square = float(((a.T @ a) * (b @ b.T)).sum(dtype=torch.float64))
-    return math.sqrt(max(total - 2.0 * cross + square, 0.0) / total)
+    total = residual = 0.0
+    for start in range(0, w.shape[0], rows):
+        block = w[start:start + rows].to(device=device, dtype=dtype)
+        total += float(block.square().sum(dtype=torch.float64))
+        block = torch.addmm(block, a[start:start + rows], b, alpha=-1)
+        residual += float(block.square().sum(dtype=torch.float64))
+    return math.sqrt(residual / total) if total else 0.0
 
 
 @dataclass(frozen=True)
@@ -223,20 +250,42 @@ def choose_engine(geometry: Geometry) -> str:
     return "exact" if small < 256 or small * big < 1 << 18 else "gram"
 
 
+def partial_pays(geometry: Geometry, rank: int) -> bool:
+    """Whether the top-``rank`` subspace iteration beats a full ``eigh`` of the Gram matrix: a wide
+    enough small side and a block (``rank`` + oversampling) well short of it."""
+    small = min(geometry.matrix_shape)
+    return small >= 1536 and rank + max(32, rank // 4) <= small * 0.45  # 768 wide: eigh 0.15 s, subspace 0.55 s
+
+
+PRECISE_BELOW = 0.02  # float64 measurement of the achieved error when the optimum is below this
+
+
 def factorize_checked(weight: torch.Tensor, geometry: Geometry, rank: int, *, engine: str = "auto",
                       seed: int = 0, device: str = "cpu", measure: bool = True) -> Outcome:
-    """Factor with ``engine``. ``auto`` picks per layer; a Gram result must be within 0.1% of the
-    optimum its own full spectrum shows, else it is redone with a float64 Gram matrix, then exactly."""
+    """Factor with ``engine``. ``auto`` picks per layer. On the Gram path it first tries the top-``rank``
+    subspace iteration (certified within ~0.05% of the optimum by its residuals), then a full ``eigh``,
+    whose result must be within 0.1% of the optimum its own full spectrum shows, else it is redone
+    with a float64 Gram matrix, then exactly."""
     chosen = choose_engine(geometry) if engine == "auto" else engine
-    factors = low_rank_factors(weight, geometry, rank, engine=chosen, seed=seed, device=device)
-    if engine == "auto" and chosen == "gram" and not _near_optimal(factors, resolvable=0.02):
+    factors = None
+    if engine == "auto" and chosen == "gram" and partial_pays(geometry, rank):
+        try:
+            factors = low_rank_factors(weight, geometry, rank, engine="subspace", seed=seed, device=device)
+            chosen = "subspace"
+            if not _near_optimal(factors, resolvable=PRECISE_BELOW):
+                chosen, factors = "gram", None
+        except NotConverged:
+            factors = None
+    if factors is None:
+        factors = low_rank_factors(weight, geometry, rank, engine=chosen, seed=seed, device=device)
+    if engine == "auto" and chosen == "gram" and not _near_optimal(factors, resolvable=PRECISE_BELOW):
         chosen = "gram-float64"
         factors = low_rank_factors(weight, geometry, rank, engine="gram", device=device, precision=torch.float64)
         if not _near_optimal(factors, resolvable=1e-6):
             chosen = "exact"
             factors = low_rank_factors(weight, geometry, rank, engine="exact", device=device)
     small = geometry.matrix_shape[0] * geometry.matrix_shape[1] <= 1 << 22
-    precise = small or factors.stats.relative_error < 0.05 or weight.dtype == torch.float64
+    precise = small or factors.stats.relative_error < PRECISE_BELOW or weight.dtype == torch.float64
     achieved = factors_error(weight, factors.first, factors.second, geometry, precise=precise,
                              device=device) if measure else math.nan
     return Outcome(factors, achieved, chosen)
@@ -268,6 +317,36 @@ def whitening(second_moment: torch.Tensor, floor: float = 1e-6) -> tuple[torch.T
     return (q * root) @ q.T, (q / root) @ q.T
 
 
+def cholesky_whitening(second_moment: torch.Tensor, floor: float = 1e-6) -> tuple[torch.Tensor, None]:
+    """``(L, None)`` with ``L`` the lower Cholesky factor of ``C + d I`` (``L L^T = C + d I``), float64; no
+    inverse: :func:`factorize_whitened` maps back by a triangular solve (``r fan_in^2``, not ``fan_in^3``).
+
+    Any ``S`` with ``S S^T = C`` whitens: ``||(W - W') S||_F^2 = tr((W - W') C (W - W')^T)``, so truncating
+    ``W L`` is as good as truncating ``W C^(1/2)`` (same singular values), at a ``fan_in^3 / 3`` factorization
+    instead of an eigendecomposition (1 s instead of ~90 s for a 5632-wide input on two cores).
+    ``d = 0`` when ``C`` factors with every pivot above ``floor`` times its largest diagonal entry; else
+    ``d = floor * max(diag C)`` (raised tenfold until the factorization succeeds) keeps a singular or
+    slightly indefinite ``C`` invertible with a bounded ``L^-1``, as :func:`whitening`'s eigenvalue floor does.
+    """
+    c = second_moment.to(torch.float64)
+    c = c + c.T
+    c /= 2
+    n = c.shape[0]
+    diag = torch.diagonal(c)
+    scale = float(diag.max()) if n else 0.0
+    if not math.isfinite(scale) or scale <= 0 or not bool(torch.isfinite(c).all()):
+        raise ValueError("the second moment is zero or not finite")
+    ridge, added = floor * scale, 0.0
+    for _ in range(9):
+        lower, info = torch.linalg.cholesky_ex(c)
+        if int(info) == 0 and float(torch.diagonal(lower).square().min()) >= ridge:
+            return lower, None
+        step = ridge * (1.0 if added == 0.0 else 9.0)  # the total ridge: floor * max(diag), then tenfold
+        diag += step
+        added += step
+    raise ValueError("the second moment is not positive semi-definite")
+
+
 def output_space(geometry: Geometry) -> Geometry:
     """The plain ``out x fan_in`` matrix a whitened factorization works on, whatever the layer kind."""
     return Geometry(geometry.kind.LINEAR, geometry.out_features, geometry.fan_in, (), False)
@@ -296,22 +375,32 @@ class WhitenedOutcome:
 
 
 def factorize_whitened(weight: torch.Tensor, geometry: Geometry, rank: int, root: torch.Tensor,
-                       root_inverse: torch.Tensor, *, engine: str = "auto", seed: int = 0,
+                       root_inverse: torch.Tensor | None, *, engine: str = "auto", seed: int = 0,
                        device: str = "cpu") -> WhitenedOutcome:
-    """Factors minimising ``||(W - W') X||_F`` for inputs with second moment ``S S``: truncate the SVD
-    of ``W S`` and map the input-side factor back with ``S^-1`` (SVD-LLM's whitening)."""
-    w = as_matrix(weight, geometry).to(torch.float64)
-    m = w @ root
+    """Factors minimising ``||(W - W') X||_F`` for inputs with second moment ``S S^T``: truncate the SVD
+    of ``W S`` and map the input-side factor back with ``S^-1`` (SVD-LLM's whitening); ``root_inverse``
+    None: ``S`` is lower triangular (:func:`cholesky_whitening`) and is solved with. The products run
+    in the working precision of the engine (float32 for auto on float32/bf16/fp16 weights), with the
+    same engines and checks as a plain factorization."""
+    dtype = working_dtype(weight, "exact" if engine == "exact" else "gram")
+    root = root.to(device=device, dtype=dtype)
+    m = as_matrix(weight, geometry).to(device=device, dtype=dtype) @ root
     inner = factorize_checked(m, output_space(geometry), rank, engine=engine, seed=seed, device=device, measure=False)
-    second = inner.factors.second.reshape(geometry.out_features, rank)
-    second, first = balance(second, inner.factors.first.reshape(rank, geometry.fan_in) @ root_inverse)
+    second = inner.factors.second.reshape(geometry.out_features, rank).to(device=device)
+    first = inner.factors.first.reshape(rank, geometry.fan_in).to(device=device)
+    first = first @ root_inverse.to(device=device, dtype=dtype) if root_inverse is not None else \
+        torch.linalg.solve_triangular(root, first, upper=False, left=False)
+    second, first = balance(second, first)
     first_shape, second_shape = geometry.factor_shapes(rank)
-    first = first.reshape(first_shape).to(weight.dtype).contiguous()
-    second = second.reshape(second_shape).to(weight.dtype).contiguous()
+    first = first.reshape(first_shape).to(device="cpu", dtype=weight.dtype).contiguous()
+    second = second.reshape(second_shape).to(device="cpu", dtype=weight.dtype).contiguous()
     factors = replace(inner.factors, first=first, second=second)
-    achieved = factors_error(weight, first, second, geometry)
-    approx = second.to(torch.float64).reshape(geometry.out_features, rank) @ \
-        first.to(torch.float64).reshape(rank, geometry.fan_in)
+    precise = dtype == torch.float64 or inner.factors.stats.relative_error < PRECISE_BELOW
+    achieved = factors_error(weight, first, second, geometry, precise=precise, device=device)
+    # (W - W') S = W S - A (B S), from the stored factors, without an out x fan_in float64 product
+    a = second.reshape(geometry.out_features, rank).to(device=device, dtype=m.dtype)
+    b_root = first.reshape(rank, geometry.fan_in).to(device=device, dtype=m.dtype) @ root
     total = sum_squares(m)
-    output_error = math.sqrt(sum_squares((w - approx) @ root) / total) if total else 0.0
+    residual = sum_squares(torch.addmm(m, a, b_root, alpha=-1))
+    output_error = math.sqrt(residual / total) if total else 0.0
     return WhitenedOutcome(Outcome(factors, achieved, inner.engine), output_error)

@@ -18,7 +18,7 @@ from typing import Any
 from factorize_cli.config import FactorizeConfig
 from factorize_cli.devices import check_device
 from factorize_cli.errors import GateError, InputError, UsageError
-from factorize_cli.execution import LayerWork, inspector
+from factorize_cli.execution import LayerWork, NonFiniteWeight, inspector
 from factorize_cli.formats import open_checkpoint
 from factorize_cli.formats.base import Checkpoint
 from factorize_cli.outputs import RANKS_METADATA_KEY, check_targets, default_report_path
@@ -32,9 +32,11 @@ HEADERS_ONLY = "headers only: weights were not read (no NaN/Inf check, no predic
 
 
 def make_plan(checkpoint: Checkpoint, config: FactorizeConfig, *, spectra: bool, read_weights: bool = True,
-              progress: Progress | None = None, whitener: Whitener | None = None) -> Plan:
+              progress: Progress | None = None, whitener: Whitener | None = None,
+              non_finite: frozenset[str] = frozenset()) -> Plan:
     """Build the plan. Spectra are read when asked for or when the rank policy needs them;
-    with ``read_weights=False`` (and no spectra) only headers are read."""
+    with ``read_weights=False`` (and no spectra) only headers are read. ``non_finite``: layers whose
+    weights an earlier read found NaN or Inf in."""
     progress = progress or Silent()
     spectra = spectra or config.needs_spectra
     candidates, notes = checkpoint.handler.candidates(checkpoint, config.selection)
@@ -45,7 +47,8 @@ def make_plan(checkpoint: Checkpoint, config: FactorizeConfig, *, spectra: bool,
         if spectra:
             whitener.begin_planning(c.name for c in inspected)
         inspect = inspector(checkpoint, config, whitener, [c.weight.key for c in inspected], spectra=spectra,
-                            progress=progress) if spectra or read_weights or whitener.active else None
+                            progress=progress, read_weights=read_weights, non_finite=non_finite) \
+            if spectra or read_weights or whitener.active or non_finite else None
         progress.start("spectra" if spectra else "checking weights", len(candidates) if inspect else 0)
         return build_plan(candidates, config, source=checkpoint.path, fmt=checkpoint.format, inspect=inspect,
                           notes=notes)
@@ -113,8 +116,21 @@ class ApplyRun:
     started: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     t0: float = field(default_factory=time.perf_counter)
     final: dict[str, Any] = field(default_factory=dict)
+    non_finite: set[str] = field(default_factory=set)  # layers found NaN/Inf while factorizing: planned again
 
     def run(self, checkpoint: Checkpoint, whitener: Whitener) -> dict[str, Any]:
+        """Plan from headers, then write; each weight is read once, by the writer (checked there). A
+        weight found NaN/Inf abandons the partial output and plans again without that layer."""
+        while True:
+            try:
+                return self._run(checkpoint, whitener)
+            except NonFiniteWeight as e:
+                if e.name in self.non_finite:
+                    raise
+                self.non_finite.add(e.name)
+                self.final = {}
+
+    def _run(self, checkpoint: Checkpoint, whitener: Whitener) -> dict[str, Any]:
         handler = checkpoint.handler
         kind = handler.output_kind(checkpoint, self.output)
         self.verifier = handler.verifier(checkpoint, self.source) if self.specs else None
@@ -141,9 +157,10 @@ class ApplyRun:
 
     def prepare(self, checkpoint: Checkpoint, whitener: Whitener) -> tuple[Plan, LayerWork]:
         """The plan, and the work that computes each planned layer's factors as the writer asks."""
-        plan = make_plan(checkpoint, self.config, spectra=False, progress=self.progress, whitener=whitener)
+        plan = make_plan(checkpoint, self.config, spectra=False, read_weights=False, progress=self.progress,
+                         whitener=whitener, non_finite=frozenset(self.non_finite))
         whitener.begin_apply(layer.name for layer in plan.to_factorize if layer.calibrated)
-        return plan, LayerWork(self.config, whitener, self.progress)
+        return plan, LayerWork(self.config, whitener, self.progress, check_finite=True)
 
     def decorate(self, report: dict[str, Any]) -> dict[str, Any]:
         """What a variant adds to the report (a live run's per-layer method)."""

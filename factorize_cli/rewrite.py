@@ -8,7 +8,9 @@ its place. The layout is computed from the plan alone, before any data is read.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -88,25 +90,73 @@ def _sources(layout: list[Placed]) -> Iterator[str]:
 
 
 def execute(checkpoint: Checkpoint, layout: list[Placed], work: LayerWork) -> Iterator[torch.Tensor]:
-    """Yield the output tensors in layout order, factorizing each layer when its first factor is due."""
+    """Yield the output tensors in layout order. Each layer is factorized when its weight has been
+    read (read ahead on a thread), on a pool of workers that splits the cores between two layers at a
+    time: results are taken in layout order, so the output does not depend on which finishes first."""
     import torch
 
     from factorize_cli.formats.base import prefetch
 
+    workers, threads = _split_cores(work)
     reads = prefetch(checkpoint, _sources(layout))
-    factors: Factors | None = None
+    window: collections.deque = collections.deque()  # (placed, value) not yet yielded, in layout order
+    last: list[Factors] = []  # the factors whose first factor was yielded last (the second follows)
+
+    def pending() -> int:
+        return sum(isinstance(value, Future) for _, value in window)
+
+    def front() -> torch.Tensor:
+        placed, value = window.popleft()
+        if placed.role is Role.FIRST:
+            last[:] = [work.record(placed.layer, value.result()).factors]
+            return last[0].first
+        return last[0].second if placed.role is Role.SECOND else value
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)  # worker threads inherit it: one math thread per core, no oversubscription
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="factorize-math") as pool:
+            try:
+                for item in _staged(layout, reads, pool, work):
+                    window.append(item)
+                    while pending() >= workers:
+                        yield front()
+                while window:
+                    yield front()
+            finally:
+                for _, value in window:
+                    if isinstance(value, Future):
+                        value.cancel()
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _split_cores(work: LayerWork) -> tuple[int, int]:
+    """(layers factorized at once, math threads each): two layers on CPUs with two or more cores; one
+    when whitening (the whitener holds one float64 pair in memory at a time; two workers measured slower,
+    waiting on each other's whitening), on an accelerator, or for work that computes nothing (factors given
+    by a live run)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    config, whitener = getattr(work, "config", None), getattr(work, "whitener", None)
+    if config is None or config.device != "cpu" or threads < 2 or (whitener is not None and whitener.active):
+        return 1, threads
+    return 2, threads // 2
+
+
+def _staged(layout: list[Placed], reads: Iterator, pool: ThreadPoolExecutor, work: LayerWork) -> Iterator:
+    """(placed, a tensor, a Future of a layer's factors, or None for a second factor) in layout order."""
+    import torch
+
     for placed in layout:
         layer = placed.layer
         if placed.role is Role.COPY:
-            yield next(reads)
+            yield placed, next(reads)
         elif placed.role is Role.FIRST:
-            weight = next(reads)
-            factors = work.record(layer, work.factorize(layer, weight)).factors
-            del weight
-            yield factors.first
+            yield placed, pool.submit(work.factorize, layer, next(reads))
         elif placed.role is Role.SECOND:
-            yield factors.second
+            yield placed, None
         else:  # Role.BIAS
             bias = layer.candidate.bias
-            yield next(reads) if bias else torch.zeros(placed.entry.shape, dtype=getattr(torch, placed.entry.dtype))
-            factors = None
+            yield placed, next(reads) if bias else torch.zeros(placed.entry.shape, dtype=getattr(torch, placed.entry.dtype))

@@ -113,6 +113,11 @@ def build(path: Path, spec, dtype: torch.dtype) -> Path:
     return path
 
 
+def cpu_of(log: Path) -> float:
+    """CPU seconds (user + system) of the command that wrote ``log``."""
+    return json.loads(log.read_text().strip().splitlines()[-1])["cpu_seconds"]
+
+
 def run(cmd: list[str], log: Path, code: Path = ROOT, limit: int | None = None) -> tuple[float, int, bool]:
     """Wall time, peak RSS (bytes) and whether ``limit`` (seconds) stopped it, of a command in a fresh
     process launched by scripts/measure.py; ``code``: the checkout whose factorize_cli runs. The CPU
@@ -159,7 +164,7 @@ def sha256(path: Path) -> str:
 
 
 def compare(label: str, source: Path, extra: list[str], rows: list[dict], *, baseline: bool, errors: bool,
-            twice: bool = False) -> None:
+            twice: bool = False, plain_s: float | None = None) -> dict:
     work = BUILD / "runs"
     work.mkdir(parents=True, exist_ok=True)
     out = work / f"{label}.factorize.safetensors"
@@ -171,6 +176,9 @@ def compare(label: str, source: Path, extra: list[str], rows: list[dict], *, bas
             [sys.executable, "scripts/naive_baseline.py", str(source), str(work / f"{label}.naive.safetensors")],
             work / f"{label}.naive.log")
     row["tool_s"], row["tool_rss"], _ = run(cmd, work / f"{label}.log")
+    row["tool_cpu"] = cpu_of(work / f"{label}.log")
+    if plain_s:
+        row["vs_plain"] = row["tool_s"] / plain_s
     report = json.loads(report_path.read_text())
     row["layers"] = report["totals"]["factorized"]
     row["engines"] = sorted({e["engine"] for e in report["layers"] if e["engine"]})
@@ -187,6 +195,7 @@ def compare(label: str, source: Path, extra: list[str], rows: list[dict], *, bas
             row["baseline_excess"] = max(theirs[n] / best[n] - 1 for n in best)
     rows.append(row)
     print(json.dumps(row), flush=True)
+    return row
 
 
 def plan_time(source: Path, label: str, rows: list[dict]) -> None:
@@ -204,6 +213,9 @@ def markdown(rows: list[dict], command: str) -> str:
     def pct(x):
         return "" if x is None else f"{100 * x:.4f}%"
 
+    def busy(r):
+        return f"{100 * r['tool_cpu'] / r['tool_s'] / os.cpu_count():.0f}%" if "tool_cpu" in r else ""
+
     lines = [
         "# Benchmarks",
         "",
@@ -212,14 +224,20 @@ def markdown(rows: list[dict], command: str) -> str:
         "Synthetic checkpoints with decaying spectra; `apply` at ratio 0.25 (defaults). Each command ran in a",
         "fresh process; the baseline (`scripts/naive_baseline.py`: load everything, float32 `torch.linalg.svd`",
         "per weight, save) ran in the same run. Error excess: worst layer's achieved relative error over the",
-        "Eckart-Young optimum from float64 singular values.",
+        "Eckart-Young optimum from float64 singular values. CPU use: the command's CPU seconds over its wall",
+        f"seconds and the {os.cpu_count()} cores (100% = every core busy for the whole run, start-up included).",
+        "The calibrated row runs `--calibration` with synthetic statistics (as in the section below) and is",
+        "compared with the plain row of the same checkpoint in the same run; the section below is an older",
+        "before/after comparison (`--calibrated`), kept until it is rerun.",
         "",
         "| checkpoint | size | baseline | factorize | speed-up | baseline peak RSS | factorize peak RSS | "
-        "worst error excess (factorize / baseline) | engines | identical bytes on rerun |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "worst error excess (factorize / baseline) | engines | identical bytes on rerun | CPU use |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speed = f"{r['baseline_s'] / r['tool_s']:.1f}x" if "baseline_s" in r else ""
+        if "vs_plain" in r:
+            speed = f"{r['vs_plain']:.2f}x the plain time"
         base = f"{r['baseline_s']:.1f} s" if "baseline_s" in r else ""
         excess = pct(r.get("excess"))
         if "baseline_excess" in r:
@@ -227,7 +245,8 @@ def markdown(rows: list[dict], command: str) -> str:
         same = {True: "yes", False: "NO"}.get(r.get("identical"), "")
         lines.append(f"| {r['checkpoint']} | {r['size_gb']:.2f} GB | {base} | {r['tool_s']:.1f} s | {speed} | "
                      f"{gb(r.get('baseline_rss'))} | {gb(r['tool_rss'])} | {excess} | "
-                     f"{', '.join(r.get('engines', []))} | {same} |")
+                     f"{', '.join(r.get('engines', []))} | {same} | "
+                     f"{busy(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -308,6 +327,16 @@ def calibrated(label: str, source: Path, stats: Path, extra: list[str], before: 
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def stages(source: Path) -> str:
+    """scripts/stages.py on the slice's gate_proj: where the time of one 2048x5632 matrix goes."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "stages.py"), str(source)], capture_output=True,
+                         text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout
+    return "\n".join(["## Where the time of one matrix goes", "",
+                      "`scripts/stages.py` (run by `make bench` after the table): one 2048x5632 bf16 matrix at rank 512 in one",
+                      "process, best of three, against the naive float32 SVD in the same process.", "", "```",
+                      out.rstrip(), "```", ""])
 
 
 CALIBRATED_HEADING = "## Calibrated runs (`--calibration`)"
@@ -411,13 +440,16 @@ def main() -> None:
     bert = build(BUILD / "bert-base.safetensors", bert_spec(), torch.float32)
     compare("bert-base (fp32)", bert, extra, rows, baseline=True, errors=True)
     piece = build(BUILD / "llama-slice.safetensors", llama_spec(2, with_embeddings=False), torch.bfloat16)
-    compare("llama-1.1b slice, 2 layers (bf16)", piece, extra, rows, baseline=True, errors=True, twice=True)
+    plain = compare("llama-1.1b slice, 2 layers (bf16)", piece, extra, rows, baseline=True, errors=True, twice=True)
+    stats = build_stats(BUILD / "llama-slice.stats.safetensors", 2)
+    compare("llama-1.1b slice, calibrated", piece, [f"--calibration={stats}", *extra], rows, baseline=False,
+            errors=False, plain_s=plain["tool_s"])
     if not args.quick:
         whole = build(BUILD / "llama-1.1b.safetensors", llama_spec(22), torch.bfloat16)
         compare("llama-1.1b whole (bf16)", whole, extra, rows, baseline=False, errors=False)
         plan_time(whole, "llama-1.1b whole", rows)
     command = "python scripts/bench.py" + (" --quick" if args.quick else "") + (f" --extra '{args.extra}'" if extra else "")
-    write_section(Path(args.out), markdown(rows, command), None)
+    write_section(Path(args.out), markdown(rows, command) + "\n" + stages(piece), None)
     print(f"wrote {args.out}")
 
 

@@ -101,3 +101,34 @@ def test_all_finite_matches_isfinite(dtype):
         assert not all_finite(t)
         assert not all_finite(t.reshape(2, 4).t())  # non-contiguous too
     assert all_finite(torch.zeros(0, dtype=dtype))
+
+
+def test_float32_achieved_error_matches_float64():
+    """The residual-based measurement in float32 (float64 sums) agrees with float64 to ~1e-5 of itself."""
+    from factorize_cli.factorization import factors_error, low_rank_factors
+
+    w = decaying_matrix(512, 1536, alpha=0.4, seed=7).to(torch.bfloat16)
+    geo = Geometry.from_weight_shape(LayerKind.LINEAR, (512, 1536), False)
+    f = low_rank_factors(w, geo, 128, engine="gram")
+    fast = factors_error(w, f.first, f.second, geo, precise=False)
+    exact = factors_error(w, f.first, f.second, geo, precise=True)
+    assert fast > 0.02 and fast == pytest.approx(exact, rel=1e-5)
+
+
+def test_cholesky_whitening_whitens_like_the_symmetric_root():
+    from factorize_cli.factorization import cholesky_whitening, whitening
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(900, 300, generator=gen, dtype=torch.float64) * torch.logspace(0, -2, 300, dtype=torch.float64)
+    c = x.T @ x / 900
+    lower, _ = cholesky_whitening(c)
+    assert torch.allclose(lower @ lower.T, c, rtol=0, atol=1e-12 * float(c.abs().max()))
+    assert torch.equal(lower, lower.tril())
+    w = decaying_matrix(200, 300, seed=3).to(torch.float64)
+    root, _ = whitening(c)
+    assert torch.allclose(torch.linalg.svdvals(w @ lower), torch.linalg.svdvals(w @ root), rtol=1e-8)
+    singular = c.clone()
+    singular[:, 0] = singular[0, :] = 0.0  # a dead input: a ridge keeps L invertible and L^-1 bounded
+    lower, _ = cholesky_whitening(singular)
+    inverse = torch.linalg.inv(lower)
+    assert bool(torch.isfinite(inverse).all()) and float(inverse.abs().max()) < 1e4 / float(c.diagonal().max()) ** 0.5

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from factorize_cli import factorization
 from factorize_cli.calibration import ActivationStats, StatsFile, save_activation_stats
 from factorize_cli.config import FactorizeConfig, SelectionConfig
-from factorize_cli.factorization import factorize_checked, factorize_whitened, whitening
+from factorize_cli.factorization import cholesky_whitening, factorize_checked, factorize_whitened, whitening
 from factorize_cli.formats.safetensors import SafetensorsFile
 from factorize_cli.formats.torchfile import checkpoint_from_mapping
 from factorize_cli.geometry import Geometry, LayerKind
@@ -43,7 +43,7 @@ def block(tmp_path):
 def counted(monkeypatch, tmp_path):
     """Count whitenings and spill directories; check no earlier pair is alive when a new one is computed."""
     calls, spills, alive = [], [], []
-    real = factorization.whitening
+    real = factorization.cholesky_whitening
 
     def whitening_counted(second_moment):
         assert not [r for r in alive if r() is not None], "an earlier whitening is still in memory"
@@ -58,7 +58,7 @@ def counted(monkeypatch, tmp_path):
         spills.append(mkdtemp(dir=tmp_path, **kw))
         return spills[-1]
 
-    monkeypatch.setattr(factorization, "whitening", whitening_counted)
+    monkeypatch.setattr(factorization, "cholesky_whitening", whitening_counted)
     monkeypatch.setattr("factorize_cli.whitening.tempfile.mkdtemp", mkdtemp_recorded)
     return calls, spills
 
@@ -66,7 +66,7 @@ def counted(monkeypatch, tmp_path):
 def reference_factors(state_dict, stats, name, rank):
     """The whitened factors as the original code computed them: every layer whitened on its own."""
     w = state_dict[f"{name}.weight"]
-    root, inverse = whitening(stats[name].xtx / stats[name].count)
+    root, inverse = cholesky_whitening(stats[name].xtx / stats[name].count)
     geo = Geometry.from_weight_shape(LayerKind.LINEAR, tuple(w.shape), False)
     return factorize_whitened(w, geo, rank, root, inverse, engine="auto", seed=layer_seed(0, name)).outcome.factors
 
@@ -186,7 +186,7 @@ def test_pairs_kept_for_apply_are_bounded_and_dropped_when_not_needed(tmp_path, 
         assert len(list(Path(spills[0]).iterdir())) == 1
         first = whitener.pair("layers.0.self_attn.k_proj")
         assert len(calls) == INPUTS  # restored, not recomputed
-        root, _ = whitening(block[1]["layers.0.self_attn.k_proj"].second_moment)
+        root, _ = cholesky_whitening(block[1]["layers.0.self_attn.k_proj"].second_moment)
         assert torch.equal(first[0], root)
         assert not list(Path(spills[0]).iterdir())  # used up: deleted
     assert not os.path.exists(spills[0])

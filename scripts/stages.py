@@ -1,0 +1,65 @@
+"""Where the time of one matrix goes, against the naive float32 SVD in the same process.
+
+    python scripts/stages.py [CHECKPOINT] [KEY]    # default: the bench slice's layer-0 gate_proj
+
+Times (best of three) the stages of ``factorize_checked(auto)`` on the Gram path: float32 copy, Gram
+product, top-r subspace iteration, ``p = u^T a`` and the balanced factors, the achieved-error measurement;
+then the whole call and a full ``eigh`` for comparison.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from factorize_cli.eigen import top_eigenpairs  # noqa: E402
+from factorize_cli.factorization import factorize_checked, factors_error, low_rank_factors  # noqa: E402
+from factorize_cli.formats import open_checkpoint  # noqa: E402
+from factorize_cli.geometry import Geometry, LayerKind  # noqa: E402
+
+
+def best(fn, repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    path = sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "build" / "bench" / "llama-slice.safetensors")
+    key = sys.argv[2] if len(sys.argv) > 2 else "model.layers.0.mlp.gate_proj.weight"
+    with open_checkpoint(path) as ckpt:
+        w = ckpt.get(key)
+    geo = Geometry.from_weight_shape(LayerKind.LINEAR, tuple(w.shape), False)
+    rank = min(w.shape) // 4
+    m = w.float()
+    a = m if m.shape[0] <= m.shape[1] else m.T
+    g = a @ a.T
+    pairs = top_eigenpairs(g, rank)
+    f = low_rank_factors(w, geo, rank, engine="subspace")
+    stages = {
+        "float32 copy": best(lambda: w.float()),
+        "Gram product": best(lambda: a @ a.T),
+        f"top-{rank} subspace iteration ({pairs.rounds} filter rounds)": best(lambda: top_eigenpairs(g, rank)),
+        "u^T a": best(lambda: pairs.vectors.T @ a),
+        "achieved error (float32 residual)": best(lambda: factors_error(w, f.first, f.second, geo, precise=False)),
+        "factorize_checked(auto), whole call": best(lambda: factorize_checked(w, geo, rank)),
+        "full eigh of the Gram matrix (before)": best(lambda: torch.linalg.eigh(g)),
+        "naive float32 torch.linalg.svd": best(lambda: torch.linalg.svd(m, full_matrices=False), repeat=1),
+    }
+    naive = stages["naive float32 torch.linalg.svd"]
+    print(f"{key} {tuple(w.shape)} {w.dtype}, rank {rank}, {torch.get_num_threads()} threads")
+    for name, seconds in stages.items():
+        print(f"  {name:<55} {seconds:7.3f} s  ({naive / seconds:5.1f}x faster than naive)")
+
+
+if __name__ == "__main__":
+    main()
