@@ -146,8 +146,8 @@ def test_one_shot_factors_equal_apply_with_the_calibrated_statistics(cli, tmp_pa
     r = cli("apply", path, tmp_path / f"data{path.suffix}", "--data", tmp_path / "inputs.pt", "--no-sequential", *FLAGS)
     assert r.code == 0, r.stderr
     calibrated, live = state(tmp_path / f"cal{path.suffix}", fmt), state(tmp_path / f"data{path.suffix}", fmt)
-    for layer in ("conv", "fc1", "fc2", "fc3", "out"):
-        assert relative(product(live, layer), product(calibrated, layer)) < 1e-6, layer
+    for layer in ("conv", "fc1", "fc2", "fc3", "out"):  # --calibration whitens in the working precision (float32)
+        assert relative(product(live, layer), product(calibrated, layer)) < 2e-5, layer
 
 
 def test_sensitivity_is_measured_on_the_program(cli, tmp_path, program):
