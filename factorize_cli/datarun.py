@@ -22,18 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from factorize_cli.errors import UsageError
+from factorize_cli.execution import Given, GivenFactors as Factors, GivenWork
 from factorize_cli.formats.base import Checkpoint
 from factorize_cli.pipeline import ApplyRun
 from factorize_cli.planning import Action, LayerPlan, Plan
 from factorize_cli.report import LayerResult
 from factorize_cli.selection import SkipReason
 from factorize_cli.textdata import TextDataConfig
-
-
-@dataclass(frozen=True)
-class Factors:
-    first: Any
-    second: Any
 
 
 @dataclass(frozen=True)
@@ -46,29 +41,6 @@ class Ran:
     results: dict[str, LayerResult]
     methods: dict[str, str]
     notes: list[str]
-
-
-@dataclass(frozen=True)
-class _Given:
-    factors: Factors
-
-
-@dataclass
-class GivenWork:
-    """The writer's per-layer work when the factors are already computed (by a live run)."""
-
-    factors: dict[str, Factors]
-    given: dict[str, LayerResult]
-    progress: Any
-    results: dict[str, LayerResult] = field(default_factory=dict)
-
-    def factorize(self, layer: LayerPlan, weight: Any) -> tuple[_Given, LayerResult]:
-        return _Given(self.factors[layer.name]), self.given[layer.name]
-
-    def record(self, layer: LayerPlan, outcome_and_result: tuple[_Given, LayerResult]) -> _Given:
-        outcome, self.results[layer.name] = outcome_and_result
-        self.progress.advance(layer.name)
-        return outcome
 
 
 @dataclass
@@ -86,7 +58,8 @@ class ApplyWithData(ApplyRun):
         ran = runnable.run(checkpoint, self.config, self.data, sequential=self.sequential, text=self.text,
                            progress=self.progress, entry=self.entry)
         self.live_notes, self.methods = ran.notes, ran.methods
-        return ran.plan, GivenWork(ran.factors, ran.results, self.progress)
+        return ran.plan, GivenWork(lambda layer: (Given(ran.factors[layer.name]), ran.results[layer.name]),
+                                   self.progress)
 
     def decorate(self, report: dict[str, Any]) -> dict[str, Any]:
         report["notes"] = [*getattr(self, "live_notes", []), *report["notes"]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -34,9 +35,9 @@ def layer_seed(seed: int, name: str) -> int:
 class NonFiniteWeight(Exception):
     """A planned layer's weight holds NaN or Inf (found while factorizing a plan made from headers)."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(f"{name}: weight holds NaN or Inf values")
-        self.name = name
+    def __init__(self, *names: str) -> None:
+        super().__init__(f"{', '.join(names)}: weight holds NaN or Inf values")
+        self.names = frozenset(names)
 
 
 @dataclass
@@ -76,6 +77,39 @@ class LayerWork:
             factors.stats.norm if output_error is not None else None, fallback)
 
     def record(self, layer: LayerPlan, outcome_and_result: tuple[Outcome, LayerResult]) -> Outcome:
+        outcome, self.results[layer.name] = outcome_and_result
+        self.progress.advance(layer.name)
+        return outcome
+
+
+@dataclass(frozen=True)
+class GivenFactors:
+    first: torch.Tensor
+    second: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Given:
+    """An outcome whose factors were computed before the writer asked (what writers read of an Outcome)."""
+
+    factors: GivenFactors
+
+
+@dataclass
+class GivenWork:
+    """The writer's per-layer work when each layer's factors were computed before writing (by a live run,
+    or by the ranks of a distributed run, in the journal): ``lookup(layer)`` gives them and the result.
+    The writer does not read the weights of such layers."""
+
+    lookup: Callable[[LayerPlan], tuple[Given, LayerResult]]
+    progress: Progress = field(default_factory=Silent)
+    results: dict[str, LayerResult] = field(default_factory=dict)
+    reads_weights = False
+
+    def factorize(self, layer: LayerPlan, weight: object) -> tuple[Given, LayerResult]:
+        return self.lookup(layer)
+
+    def record(self, layer: LayerPlan, outcome_and_result: tuple[Given, LayerResult]) -> Given:
         outcome, self.results[layer.name] = outcome_and_result
         self.progress.advance(layer.name)
         return outcome

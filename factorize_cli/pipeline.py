@@ -10,7 +10,7 @@ import collections
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -125,16 +125,22 @@ class ApplyRun:
             try:
                 return self._run(checkpoint, whitener)
             except NonFiniteWeight as e:
-                if e.name in self.non_finite:
+                if e.names <= self.non_finite:
                     raise
-                self.non_finite.add(e.name)
+                self.non_finite |= e.names
                 self.final = {}
 
-    def _run(self, checkpoint: Checkpoint, whitener: Whitener) -> dict[str, Any]:
+    def check(self, checkpoint: Checkpoint) -> Any:
+        """Refuse, before any work, what cannot be done; the output's kind."""
         handler = checkpoint.handler
         kind = handler.output_kind(checkpoint, self.output)
         self.verifier = handler.verifier(checkpoint, self.source) if self.specs else None
         check_device(self.config.device)
+        return kind
+
+    def _run(self, checkpoint: Checkpoint, whitener: Whitener) -> dict[str, Any] | None:
+        handler = checkpoint.handler
+        kind = self.check(checkpoint)
         plan, work = self.prepare(checkpoint, whitener)
         self.destination = {"path": str(self.output), "format": kind.value, "files": [],
                             "report": str(self.report_path), "tensors": handler.output_tensors(checkpoint, plan),
@@ -142,6 +148,9 @@ class ApplyRun:
         self.checkpoint, self.plan, self.notes = checkpoint, plan, handler.notes(checkpoint, kind)
         if self.config.needs_spectra:  # predictions exist: fail a gate before any SVD work
             self._gate(self.report_now({}))
+        work = self.compute(checkpoint, plan, work)
+        if work is None:  # another process writes the output
+            return None
         self.progress.start("factorizing", len(plan.to_factorize))
         try:
             self.destination["files"] = handler.write(
@@ -162,6 +171,12 @@ class ApplyRun:
         whitener.begin_apply(layer.name for layer in plan.to_factorize if layer.calibrated)
         return plan, LayerWork(self.config, whitener, self.progress, check_finite=True)
 
+    def compute(self, checkpoint: Checkpoint, plan: Plan, work: LayerWork) -> Any:
+        """Work done before writing (a distributed or resumable run's, :mod:`factorize_cli.scaleout`); the
+        work the writer then asks for each layer's factors, or None where another process writes. Here
+        nothing: the writer factorizes each layer as it reads it."""
+        return work
+
     def decorate(self, report: dict[str, Any]) -> dict[str, Any]:
         """What a variant adds to the report (a live run's per-layer method)."""
         return report
@@ -175,8 +190,11 @@ class ApplyRun:
 
     def _gate(self, report: dict[str, Any]) -> None:
         if not report["gates"]["passed"]:
-            write_reports(report, self.report_path, self.html_path)
+            if self.writes_report:
+                write_reports(report, self.report_path, self.html_path)
             raise_for_gates(report)
+
+    writes_report = True  # False on the ranks of a distributed run other than rank 0
 
     def _commit(self, written: Path, work: LayerWork) -> None:
         """Runs once the output is complete, before it is renamed into place: the gates, --verify."""
@@ -196,7 +214,8 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
                      report_path: str | Path | None = None, html_path: str | Path | None = None,
                      unsafe_pickle: bool = False, progress: Progress | None = None, label: str | None = None,
                      verify: Sequence[str] = (), verify_tol: float = 0.1, data: str | Path | None = None,
-                     text: Any = None, sequential: bool = True, entry: Any = None) -> dict[str, Any]:
+                     text: Any = None, sequential: bool = True, entry: Any = None,
+                     resume: bool = False) -> dict[str, Any] | None:
     """Factorize ``path`` into ``output`` and write the JSON report; returns the report.
 
     With ``data`` (text samples for a Hugging Face folder, input batches for a TorchScript or ``.pt2``
@@ -204,17 +223,30 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
     ``text`` a TextDataConfig; ``entry`` a program's --method/--reset (:class:`~factorize_cli.graphs.calls.Entry`)
     for ``data`` and ``verify``.
     When a gate fails the report is written, the output is not, and :class:`GateError` is raised.
+
+    Launched by torchrun, or with ``resume``, the layers are computed into a journal beside the output
+    first (:mod:`factorize_cli.scaleout`); then rank 0 writes, and the other ranks return None.
     """
+    from factorize_cli import distributed
     from factorize_cli.graphs.calls import Entry
     from factorize_cli.graphs.verify import VerifyInputs
 
     source, output = Path(path), Path(output)
+    group = distributed.current(config.device)
+    config = replace(config, device=group.device(config.device))
     args = (source, output, config, Path(report_path) if report_path else default_report_path(output),
             Path(html_path) if html_path else None, label, VerifyInputs.parse(verify, entry or Entry()),
             verify_tol, progress or Silent())
-    if data is None:
+    if data is None and (group.distributed or resume):
+        from factorize_cli.scaleout import SharedApply
+
+        run = SharedApply(*args, group=group, resume=resume)
+    elif data is None:
         run = ApplyRun(*args)
     else:
+        if group.distributed or resume:
+            raise UsageError("--data runs in one process and is not resumable; with torchrun, run `factorize "
+                             "calibrate` (in parallel) and then apply --calibration")
         from factorize_cli.datarun import ApplyWithData
         from factorize_cli.textdata import TextDataConfig
 
@@ -229,7 +261,8 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
     with open_checkpoint(source, unsafe_pickle=unsafe_pickle) as checkpoint, \
             Whitener(config.calibration, keep_for_apply=True) as whitener:
         report = run.run(checkpoint, whitener)
-    write_reports(report, run.report_path, run.html_path)
+    if report is not None:
+        write_reports(report, run.report_path, run.html_path)
     return report
 
 

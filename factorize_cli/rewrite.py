@@ -78,12 +78,13 @@ def output_layout(checkpoint: Checkpoint, plan: Plan) -> list[Placed]:
     return placed
 
 
-def _sources(layout: list[Placed]) -> Iterator[str]:
-    """The input keys :func:`execute` reads, in the order it reads them."""
+def _sources(layout: list[Placed], weights: bool) -> Iterator[str]:
+    """The input keys :func:`execute` reads, in the order it reads them (``weights``: the factorized
+    layers' weights too, unless their factors were computed before)."""
     for placed in layout:
         if placed.role is Role.COPY:
             yield placed.entry.source
-        elif placed.role is Role.FIRST:
+        elif placed.role is Role.FIRST and weights:
             yield placed.layer.candidate.weight.key
         elif placed.role is Role.BIAS and placed.layer.candidate.bias is not None:
             yield placed.layer.candidate.bias.key
@@ -97,8 +98,8 @@ def execute(checkpoint: Checkpoint, layout: list[Placed], work: LayerWork) -> It
 
     from factorize_cli.formats.base import prefetch
 
-    workers, threads = _split_cores(work)
-    reads = prefetch(checkpoint, _sources(layout))
+    workers, threads = split_cores(work)
+    reads = prefetch(checkpoint, _sources(layout, getattr(work, "reads_weights", True)))
     window: collections.deque = collections.deque()  # (placed, value) not yet yielded, in layout order
     last: list[Factors] = []  # the factors whose first factor was yielded last (the second follows)
 
@@ -131,7 +132,7 @@ def execute(checkpoint: Checkpoint, layout: list[Placed], work: LayerWork) -> It
         torch.set_num_threads(saved)
 
 
-def _split_cores(work: LayerWork) -> tuple[int, int]:
+def split_cores(work: LayerWork) -> tuple[int, int]:
     """(layers factorized at once, math threads each): two layers on CPUs with two or more cores; one
     when whitening (the whitener holds one float64 pair in memory at a time; two workers measured slower,
     waiting on each other's whitening), on an accelerator, or for work that computes nothing (factors given
@@ -149,12 +150,13 @@ def _staged(layout: list[Placed], reads: Iterator, pool: ThreadPoolExecutor, wor
     """(placed, a tensor, a Future of a layer's factors, or None for a second factor) in layout order."""
     import torch
 
+    weights = getattr(work, "reads_weights", True)
     for placed in layout:
         layer = placed.layer
         if placed.role is Role.COPY:
             yield placed, next(reads)
         elif placed.role is Role.FIRST:
-            yield placed, pool.submit(work.factorize, layer, next(reads))
+            yield placed, pool.submit(work.factorize, layer, next(reads) if weights else None)
         elif placed.role is Role.SECOND:
             yield placed, None
         else:  # Role.BIAS

@@ -43,9 +43,18 @@ from factorize_cli.cli import plan as _plan_cmd  # noqa: E402,F401
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and maps every error to one line and an exit code, here and only here."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        _main(args)
+    finally:
+        from factorize_cli import distributed
+
+        distributed.close()
+
+
+def _main(args: list[str]) -> None:
     from factorize_cli.errors import FactorizeError, GateError
 
-    args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
         code = app(args=args, prog_name="factorize", standalone_mode=False)
@@ -54,7 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         _fail("aborted", 130)
     except GateError as e:  # one line per violation; the report has them too
-        for violation in e.violations:
+        from factorize_cli import distributed
+
+        for violation in e.violations if not distributed.follower() else ():
             print(f"factorize: gate failed: {violation}", file=sys.stderr)
         sys.exit(e.exit_code)
     except FactorizeError as e:
@@ -85,5 +96,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    print(f"factorize: error: {' '.join(str(message).split())}", file=sys.stderr)
+    from factorize_cli import distributed
+
+    if not distributed.follower():  # under torchrun rank 0 speaks for every rank
+        print(f"factorize: error: {' '.join(str(message).split())}", file=sys.stderr)
     sys.exit(code)

@@ -29,6 +29,9 @@ Examples:
   factorize apply silero_vad.jit small.jit --verify calls.pt --reset reset_states
       (--verify on the calls of an inputs file, as calibrate takes)
 
+  torchrun --nproc-per-node 4 -m factorize_cli apply llama/ llama-small/ --rank-policy params:0.8
+      (four processes, each factorizing its share of the layers; rank 0 writes; see README "Scaling out")
+
   factorize apply all-MiniLM-L6-v2/ small/ --data sentences.txt --rank-policy params:0.8 --include 'encoder.*'
       (a Hugging Face folder calibrated on text and factorized layer by layer, in one command)
 """
@@ -73,6 +76,10 @@ def apply(
     samples: Samples = 512,
     seq_len: SeqLen = 256,
     batch_size: BatchSize = 8,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Keep each finished layer in a journal beside the output (.OUTPUT.factorize-journal) and "
+                         "continue from it when an earlier run of the same command was interrupted; under torchrun "
+                         "the journal is always kept.")] = False,
     json_out: JsonOut = False,
     jsonl: Jsonl = False,
     quiet: Quiet = False,
@@ -109,6 +116,6 @@ def apply(
                                     progress=RichProgress(enabled=not quiet),
                                     label="<stdin>" if job.source == "-" else None,
                                     verify=verify or (), verify_tol=verify_tol, data=data, text=text,
-                                    sequential=sequential, entry=calls)
+                                    sequential=sequential, entry=calls, resume=resume)
 
     raise typer.Exit(run_jobs(jobs, work, quiet=quiet, jsonl=jsonl, json_out=json_out))

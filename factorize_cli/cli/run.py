@@ -24,8 +24,12 @@ def run_jobs(jobs: list[Job], work: Callable[[Job], dict[str, Any]], *, quiet: b
     Humans get the table (unless ``quiet``) and one error line per failure on stderr; machines
     get the report (``json_out``, one input) or one JSON object per input (``jsonl``) on stdout.
     """
+    from factorize_cli import distributed
     from factorize_cli.cli.render import show
     from factorize_cli.report import dumps
+
+    if distributed.follower():  # under torchrun only rank 0 prints; the others' failures reach it
+        quiet, jsonl, json_out = True, False, False
 
     counts = dict.fromkeys(EXIT, 0)
     debug = _debug()
@@ -37,7 +41,7 @@ def run_jobs(jobs: list[Job], work: Callable[[Job], dict[str, Any]], *, quiet: b
             status = OK
         except GateError as e:
             report, status = e.report, GATE_FAILED
-            for violation in e.violations:
+            for violation in e.violations if not distributed.follower() else ():
                 print(f"factorize: gate failed: {job.source}: {violation}", file=sys.stderr)
         except FactorizeError as e:
             status, error = FAILED if e.exit_code < 3 else INTERNAL, str(e)
@@ -50,7 +54,8 @@ def run_jobs(jobs: list[Job], work: Callable[[Job], dict[str, Any]], *, quiet: b
             status, error = INTERNAL, f"internal error: {type(e).__name__}: {e}; rerun with --debug for the traceback"
         if error is not None:
             error = " ".join(error.split())
-            print(f"factorize: error: {error}", file=sys.stderr)
+            if not distributed.follower():
+                print(f"factorize: error: {error}", file=sys.stderr)
         counts[status] += 1
         if report is not None:
             show(report, quiet=quiet)

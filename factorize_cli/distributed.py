@@ -1,0 +1,196 @@
+"""Work across processes: the process group torchrun sets up, and how ranks agree on failure.
+
+Launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the commands join one
+``torch.distributed`` process group: gloo on CPUs, NCCL with ``--device cuda`` (each rank on its
+``LOCAL_RANK`` GPU). Run without torchrun, :data:`SOLO` stands in and nothing changes.
+
+Every stage that ranks run side by side ends in :meth:`Group.step`: each rank says whether its share
+failed, and if one did, every rank raises that error (the rank that failed, its own; the others a
+:class:`PeerFailed` naming it), so a bad shard on one rank stops the run everywhere instead of
+leaving the others waiting. Collective calls time out after ``FACTORIZE_DIST_TIMEOUT`` seconds
+(default 1800): a rank that dies without a word stops the others too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from factorize_cli.errors import FactorizeError, GateError, UsageError
+
+TIMEOUT_ENV = "FACTORIZE_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+class PeerFailed(FactorizeError):
+    """Another rank failed; this one stops with that rank's error and exit code (rank 0 prints it, the
+    others print nothing: one line per failure, not one per process)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def launched() -> bool:
+    """Whether torchrun (or another launcher setting the same variables) started several processes."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def _timeout_s() -> float:
+    text = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        value = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise UsageError(f"{TIMEOUT_ENV}={text!r}: give the collective timeout in seconds") from None
+    if not value > 0:
+        raise UsageError(f"{TIMEOUT_ENV}={text!r}: the timeout must be positive")
+    return value
+
+
+def _verdict(e: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) of a failure, as the CLI would print it."""
+    if isinstance(e, FactorizeError):
+        return e.exit_code, str(e)
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        return 2, f"{where}{e.strerror or e}"
+    if isinstance(e, MemoryError):
+        return 2, "out of memory"
+    return 3, f"internal error: {type(e).__name__}: {e}"
+
+
+@dataclass(frozen=True)
+class Group:
+    """The ranks of one run. ``backend`` is None for a single process (no collective is ever called)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def lead(self) -> bool:
+        """Rank 0: the one that plans the output's assembly, writes the report and prints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+    def device(self, requested: str) -> str:
+        """``cuda`` means this rank's own GPU under torchrun."""
+        return f"cuda:{self.local_rank}" if self.distributed and requested == "cuda" else requested
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order (picklable objects)."""
+        if not self.distributed:
+            return [value]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank."""
+        if not self.distributed:
+            return value
+        import torch.distributed as dist
+
+        box = [value if self.lead else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_reduce_(self, tensor: Any) -> Any:
+        """Sum ``tensor`` over the ranks, in place (float64 stays float64)."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        """Run this rank's share of a stage; afterwards every rank knows whether all shares succeeded.
+        A failure anywhere raises on every rank (a gate's failure is not a rank's: gates are decided on
+        rank 0 after the shared stages). Interrupts are not exchanged: torchrun stops every rank."""
+        failure: BaseException | None = None
+        try:
+            yield
+        except (KeyboardInterrupt, GateError):
+            raise
+        except BaseException as e:  # noqa: BLE001  (told to the other ranks, then raised again below)
+            failure = e
+        verdicts = self.gather(None if failure is None else _verdict(failure))
+        if failure is not None:
+            raise failure
+        failed = [(rank, v) for rank, v in enumerate(verdicts) if v is not None]
+        if failed:
+            rank, (code, message) = failed[0]
+            raise PeerFailed(f"rank {rank}: {message}", code)
+
+
+SOLO = Group()
+_current: Group | None = None
+
+
+def current(device: str = "cpu") -> Group:
+    """This process's group: joined on first use when launched by torchrun (NCCL when that first use
+    computes on ``cuda``, else gloo), else :data:`SOLO`."""
+    global _current
+    if _current is None:
+        _current = _join(device) if launched() else SOLO
+    return _current
+
+
+def _join(device: str) -> Group:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    except (KeyError, ValueError) as e:
+        raise UsageError(f"torchrun's environment is incomplete ({e}); launch with torchrun") from None
+    backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    timeout = datetime.timedelta(seconds=_timeout_s())
+    dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world)
+    return Group(rank, world, local, backend)
+
+
+def follower() -> bool:
+    """Whether this process is a rank other than 0 of a joined group (it prints nothing)."""
+    return _current is not None and not _current.lead
+
+
+def close() -> None:
+    """Leave the process group (at exit), so torch does not warn about a group left open."""
+    global _current
+    if _current is not None and _current.distributed:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    _current = None
+
+
+def balanced(costs: Sequence[float], bins: int) -> list[int]:
+    """The bin of each item: the costliest first, each into the bin with the least so far (ties: the
+    lowest bin). Deterministic, so every rank computes the same assignment."""
+    load = [0.0] * bins
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        b = min(range(bins), key=lambda b: (load[b], b))
+        owner[i] = b
+        load[b] += costs[i]
+    return owner
