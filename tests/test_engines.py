@@ -192,7 +192,7 @@ def test_two_layers_at_a_time_write_the_same_bytes_as_one(cli, tmp_path, monkeyp
     save_file(sd, str(tmp_path / "in.safetensors"))
     shas = []
     for workers in (1, 2):
-        monkeypatch.setattr(rewrite, "_split_cores", lambda work, n=workers: (n, 1))
+        monkeypatch.setattr(rewrite, "split_cores", lambda work, n=workers: (n, 1))
         out = tmp_path / f"w{workers}.safetensors"
         assert cli("apply", tmp_path / "in.safetensors", out, "--min-features", "32", "-q").code == 0
         shas.append(hashlib.sha256(out.read_bytes()).hexdigest())

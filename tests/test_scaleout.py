@@ -1,0 +1,219 @@
+"""``torchrun -m factorize_cli apply``: two processes on gloo write the bytes one process writes; a run
+killed mid-way leaves nothing at the output and ``--resume`` finishes it to the same bytes; one rank's
+failure stops every rank with that rank's error, without a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+ONE = [sys.executable, "-m", "factorize_cli"]
+TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "factorize_cli"]
+FLAGS = ["--min-features", "64", "-q"]
+
+
+def env(threads: int, **extra: str) -> dict[str, str]:
+    """One math thread per layer either way: one process with two threads factorizes two layers at a time
+    on one thread each; torchrun's ranks get one thread each."""
+    root = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "OMP_NUM_THREADS": str(threads),
+            "PYTHONPATH": os.pathsep.join(filter(None, [root, *extra.pop("prepend", "").split(os.pathsep),
+                                                        os.environ.get("PYTHONPATH", "")])), **extra}
+
+
+def run(cmd: list[str], *args: object, threads: int, timeout: float = 300, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*cmd, *map(str, args)], env=env(threads, **extra), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def model(layers: int, width: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for i in range(layers):
+        sd[f"blocks.{i}.up.weight"] = (torch.randn(2 * width, width, generator=g) / width ** 0.5).to(torch.bfloat16)
+        sd[f"blocks.{i}.up.bias"] = torch.randn(2 * width, generator=g).to(torch.bfloat16)
+        sd[f"blocks.{i}.down.weight"] = (torch.randn(width, 2 * width, generator=g) / width ** 0.5).to(torch.bfloat16)
+        sd[f"blocks.{i}.norm.weight"] = torch.ones(width, dtype=torch.bfloat16)
+    return sd
+
+
+def sharded(folder: Path, sd: dict[str, torch.Tensor], shards: int = 2) -> Path:
+    folder.mkdir()
+    keys = list(sd)
+    weight_map = {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = keys[s::shards]
+        save_file({k: sd[k] for k in part}, folder / name)
+        weight_map.update(dict.fromkeys(part, name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def files(path: Path) -> dict[str, bytes]:
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def journals(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".factorize-journal"))
+
+
+@pytest.mark.parametrize("source, output", [("file", "out.safetensors"), ("file", "out.pt"),
+                                            ("sharded", "out")])
+def test_two_processes_write_what_one_process_writes(tmp_path, source, output):
+    sd = model(4, 384)  # 768 x 384: the Gram engine, whose products depend on the math threads per layer
+    if source == "file":
+        src = tmp_path / "in.safetensors"
+        save_file(sd, src)
+    else:
+        src = sharded(tmp_path / "in", sd)
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    a = run(ONE, "apply", src, one / output, *FLAGS, threads=2)
+    b = run(TWO, "apply", src, two / output, *FLAGS, threads=1)
+    assert a.returncode == 0, a.stderr
+    assert b.returncode == 0, b.stderr
+    written_one, written_two = files(one / output), files(two / output)
+    assert len(written_one) >= 1 and written_one == written_two  # every byte of every file
+    report = json.loads((two / default_report(output)).read_text())
+    assert report["execution"]["processes"] == 2
+    assert report["execution"]["threads_per_layer"] == 1
+    assert sum(report["execution"]["layers_per_process"]) == report["totals"]["factorized"] == 8
+    assert min(report["execution"]["layers_per_process"]) == 4  # balanced: equal layers, equal shares
+    assert journals(two) == []  # the journal goes once the output is in place
+    assert b.stdout.strip() == ""  # -q: nothing on stdout from any rank
+
+
+def default_report(output: str) -> str:
+    return (output.rsplit(".", 1)[0] if "." in output else output) + ".factorize.json"
+
+
+def test_a_killed_run_leaves_no_output_and_resume_finishes_it_to_the_same_bytes(tmp_path):
+    src = tmp_path / "big.safetensors"
+    save_file(model(12, 512, seed=1), src)
+    flags = [*FLAGS, "--svd", "exact"]  # slow enough (~0.3 s a layer) to be killed half way
+    reference = run(ONE, "apply", src, tmp_path / "ref.safetensors", *flags, threads=2)
+    assert reference.returncode == 0, reference.stderr
+
+    out = tmp_path / "out.safetensors"
+    started = subprocess.Popen([*TWO, "apply", src, out, *flags, "--resume"], env=env(1),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    layers = tmp_path / f".{out.name}.factorize-journal" / "layers"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(layers.glob("*.safetensors")) if layers.is_dir() else []) < 3:
+        time.sleep(0.02)
+    for pid in [started.pid, *descendants(started.pid)]:  # torchrun and both ranks at once (a lost node)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    started.wait(timeout=60)
+    done_before = len(list(layers.glob("*.safetensors")))
+    assert 3 <= done_before < 24, "the run was not caught half way"
+    assert not out.exists() and not (tmp_path / "out.factorize.json").exists()
+
+    again = run(TWO, "apply", src, out, *flags, threads=1)  # without --resume: refused, journal kept
+    assert again.returncode != 0 and "pass --resume" in again.stderr
+    assert layers.is_dir()
+
+    resumed = run(TWO, "apply", src, out, *flags, "--resume", threads=1)
+    assert resumed.returncode == 0, resumed.stderr
+    assert out.read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    report = json.loads((tmp_path / "out.factorize.json").read_text())
+    assert report["execution"]["resumed_layers"] >= done_before
+    assert journals(tmp_path) == []
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its ranks in sessions of their own)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def test_resume_in_one_process_and_a_journal_of_another_run_is_refused(tmp_path):
+    src = tmp_path / "in.safetensors"
+    save_file(model(3, 128), src)
+    out = tmp_path / "out.safetensors"
+    first = run(ONE, "apply", src, out, *FLAGS, "--resume", threads=2)
+    assert first.returncode == 0, first.stderr
+    assert journals(tmp_path) == []
+    plain = run(ONE, "apply", src, tmp_path / "plain.safetensors", *FLAGS, threads=2)
+    assert out.read_bytes() == (tmp_path / "plain.safetensors").read_bytes()
+    assert plain.returncode == 0
+
+    # an interrupted run's journal, then the same output asked for with another seed: refused, kept
+    journal = tmp_path / f".{out.name}.factorize-journal"
+    (journal / "layers").mkdir(parents=True)
+    (journal / "non-finite").mkdir()
+    from factorize_cli.config import FactorizeConfig
+    from factorize_cli.journal import identity
+
+    (journal / "journal.json").write_text(json.dumps(identity(src, FactorizeConfig(seed=7))))
+    other = run(ONE, "apply", src, out, *FLAGS, "--resume", "--force", threads=2)
+    assert other.returncode == 2 and "seed changed" in other.stderr, other.stderr
+    assert journal.is_dir()
+
+
+HOOK = """
+import os
+if os.environ.get("RANK") == "1":
+    from factorize_cli.formats import safetensors as st
+    read = st.SafetensorsFile.get
+    def get(self, key):
+        if key == os.environ["FAIL_KEY"]:
+            raise OSError(5, "Input/output error", str(self.path))
+        return read(self, key)
+    st.SafetensorsFile.get = get
+"""
+
+
+def test_a_rank_that_cannot_read_its_share_fails_every_rank_with_its_error(tmp_path):
+    src = tmp_path / "in.safetensors"
+    save_file(model(4, 128), src)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOOK)  # rank 1 gets an I/O error reading one of its weights
+
+    out = tmp_path / "out.safetensors"
+    t0 = time.monotonic()
+    failed = run(TWO, "apply", src, out, *FLAGS, threads=1, timeout=120, prepend=str(hook),
+                 FAIL_KEY=_a_key_of_rank_1(src))
+    assert failed.returncode != 0
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("factorize: error:")]
+    assert errors == [f"factorize: error: rank 1: {src}: Input/output error"], failed.stderr
+    assert time.monotonic() - t0 < 100  # every rank stopped: no wait for a timeout
+    assert not out.exists()
+
+
+def _a_key_of_rank_1(src: Path) -> str:
+    from factorize_cli.config import FactorizeConfig, SelectionConfig
+    from factorize_cli.formats import open_checkpoint
+    from factorize_cli.pipeline import make_plan
+    from factorize_cli.scaleout import shares
+
+    with open_checkpoint(src) as checkpoint:
+        plan = make_plan(checkpoint, FactorizeConfig(selection=SelectionConfig(min_features=64)), spectra=False,
+                         read_weights=False)
+    return shares(list(plan.to_factorize), 2)[1][0].candidate.weight.key
