@@ -66,6 +66,13 @@ class Geometry:
         return (self.out_features, self.fan_in)
 
     @property
+    def cost(self) -> float:
+        """What factorizing it costs, relatively: the Gram product and the eigensolve grow as m n min(m, n)
+        (how the ranks of a torchrun launch share the layers)."""
+        m, n = self.matrix_shape
+        return float(m) * n * min(m, n)
+
+    @property
     def min_dim(self) -> int:
         """Composer's ``min(in, out)``: features for Linear, channels for convs."""
         return min(self.in_features, self.out_features)

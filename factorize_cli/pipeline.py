@@ -17,6 +17,7 @@ from typing import Any
 
 from factorize_cli.config import FactorizeConfig
 from factorize_cli.devices import check_device
+from factorize_cli.distributed import SOLO, Group
 from factorize_cli.errors import GateError, InputError, UsageError
 from factorize_cli.execution import LayerWork, NonFiniteWeight, inspector
 from factorize_cli.formats import open_checkpoint
@@ -33,10 +34,11 @@ HEADERS_ONLY = "headers only: weights were not read (no NaN/Inf check, no predic
 
 def make_plan(checkpoint: Checkpoint, config: FactorizeConfig, *, spectra: bool, read_weights: bool = True,
               progress: Progress | None = None, whitener: Whitener | None = None,
-              non_finite: frozenset[str] = frozenset()) -> Plan:
+              non_finite: frozenset[str] = frozenset(), group: Group = SOLO) -> Plan:
     """Build the plan. Spectra are read when asked for or when the rank policy needs them;
     with ``read_weights=False`` (and no spectra) only headers are read. ``non_finite``: layers whose
-    weights an earlier read found NaN or Inf in."""
+    weights an earlier read found NaN or Inf in. Under torchrun (``group``) each rank reads its share of
+    the weights and the inspected layers are exchanged: every rank gets the same plan."""
     progress = progress or Silent()
     spectra = spectra or config.needs_spectra
     candidates, notes = checkpoint.handler.candidates(checkpoint, config.selection)
@@ -44,18 +46,42 @@ def make_plan(checkpoint: Checkpoint, config: FactorizeConfig, *, spectra: bool,
     whitener = whitener or Whitener(config.calibration)
     try:
         inspected = [c for c in candidates if screen(c, config.selection).reason is None]
+        if group.distributed and (spectra or read_weights):
+            inspected = _my_share(inspected, group)
         if spectra:
             whitener.begin_planning(c.name for c in inspected)
         inspect = inspector(checkpoint, config, whitener, [c.weight.key for c in inspected], spectra=spectra,
                             progress=progress, read_weights=read_weights, non_finite=non_finite) \
             if spectra or read_weights or whitener.active or non_finite else None
-        progress.start("spectra" if spectra else "checking weights", len(candidates) if inspect else 0)
+        if group.distributed and (spectra or read_weights):
+            inspect = _shared(inspect, inspected, group, progress, spectra)
+        else:
+            progress.start("spectra" if spectra else "checking weights", len(candidates) if inspect else 0)
         return build_plan(candidates, config, source=checkpoint.path, fmt=checkpoint.format, inspect=inspect,
                           notes=notes)
     finally:
         progress.stop()
         if own:
             whitener.close()
+
+
+def _my_share(candidates: list, group: Group) -> list:
+    from factorize_cli.distributed import balanced
+
+    owners = balanced([c.geometry.cost for c in candidates], group.world)
+    return [c for c, owner in zip(candidates, owners) if owner == group.rank]
+
+
+def _shared(inspect: Any, mine: list, group: Group, progress: Progress, spectra: bool) -> Any:
+    """Inspect this rank's layers, exchange them, and look every layer up in what the ranks found."""
+    from factorize_cli.planning import Action, LayerPlan
+
+    progress.start(f"spectra (rank 0 of {group.world})" if spectra else "checking weights", len(mine))
+    with group.step():
+        found = {c.name: inspect(LayerPlan(c, Action.FACTORIZE, None)) for c in mine}
+    progress.stop()
+    every = {name: layer for share in group.gather(found) for name, layer in share.items()}
+    return lambda layer: every[layer.name]
 
 
 def rank_map(plan: Plan) -> dict[str, int]:
@@ -84,19 +110,24 @@ def plan_checkpoint(path: str | Path, config: FactorizeConfig, *, spectra: bool 
     """
     if config.gates.need_errors and spectra is False:
         raise UsageError("--max-layer-error/--max-total-error need spectra; drop --no-spectra")
+    from factorize_cli import distributed
+
     wanted = bool(spectra) or config.gates.need_errors
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
+    group = distributed.current(config.device)
+    config = replace(config, device=group.device(config.device))
     check_targets({"report": report_path, "HTML report": html_path}, _inputs(path, config), force=force)
     with open_checkpoint(path, unsafe_pickle=unsafe_pickle) as checkpoint:
         check_device(config.device)
-        plan = make_plan(checkpoint, config, spectra=wanted, read_weights=False, progress=progress)
+        plan = make_plan(checkpoint, config, spectra=wanted, read_weights=False, progress=progress, group=group)
         checkpoint.handler.output_tensors(checkpoint, plan)  # the same validation apply does (key collisions)
         notes = [] if wanted or config.needs_spectra else [HEADERS_ONLY]
         report = build_report(command="plan", checkpoint=checkpoint, plan=plan, results={}, output=None,
                               notes=notes, timing=_timing(started, t0))
     if label is not None:
         report["input"]["path"] = label
-    write_reports(report, report_path, html_path)
+    if group.lead:  # every rank has the plan; rank 0 writes it
+        write_reports(report, report_path, html_path)
     return report
 
 
@@ -116,6 +147,7 @@ class ApplyRun:
     started: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     t0: float = field(default_factory=time.perf_counter)
     final: dict[str, Any] = field(default_factory=dict)
+    group: Group = SOLO  # the processes of a torchrun launch (factorize_cli.scaleout)
     non_finite: set[str] = field(default_factory=set)  # layers found NaN/Inf while factorizing: planned again
 
     def run(self, checkpoint: Checkpoint, whitener: Whitener) -> dict[str, Any]:
@@ -167,7 +199,7 @@ class ApplyRun:
     def prepare(self, checkpoint: Checkpoint, whitener: Whitener) -> tuple[Plan, LayerWork]:
         """The plan, and the work that computes each planned layer's factors as the writer asks."""
         plan = make_plan(checkpoint, self.config, spectra=False, read_weights=False, progress=self.progress,
-                         whitener=whitener, non_finite=frozenset(self.non_finite))
+                         whitener=whitener, non_finite=frozenset(self.non_finite), group=self.group)
         whitener.begin_apply(layer.name for layer in plan.to_factorize if layer.calibrated)
         return plan, LayerWork(self.config, whitener, self.progress, check_finite=True)
 

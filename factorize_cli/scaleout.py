@@ -2,8 +2,8 @@
 the journal beside the output (:mod:`factorize_cli.journal`), then rank 0 writes the output from it.
 
 Every rank opens the checkpoint and makes the same plan from its headers. The planned layers are dealt
-to the ranks by predicted cost (``out x in x min(out, in)``, costliest first, each to the least loaded
-rank), so each rank reads only its own layers' weights. Each layer is factorized exactly as a one-process
+to the ranks by predicted cost (``Geometry.cost``), costliest first, each to the least loaded rank, so
+each rank reads only its own layers' weights. Each layer is factorized exactly as a one-process
 run would (same engine, seed, precision and number of math threads per layer) and saved as written; rank
 0 then runs the format's own writer with those factors (:class:`~factorize_cli.execution.GivenWork`): the
 output's bytes do not depend on how many ranks computed them. With ``--resume`` the layers already in
@@ -29,15 +29,9 @@ if TYPE_CHECKING:
     from factorize_cli.whitening import Whitener
 
 
-def layer_cost(layer: LayerPlan) -> float:
-    """The predicted cost of factorizing a layer: its Gram product and eigensolve grow as m n min(m, n)."""
-    m, n = layer.geometry.matrix_shape
-    return float(m) * n * min(m, n)
-
-
 def shares(layers: list[LayerPlan], world: int) -> list[list[LayerPlan]]:
     """Each rank's layers (balanced by cost), each share in the checkpoint's order."""
-    owners = balanced([layer_cost(layer) for layer in layers], world)
+    owners = balanced([layer.geometry.cost for layer in layers], world)
     return [[layer for layer, owner in zip(layers, owners) if owner == rank] for rank in range(world)]
 
 
@@ -89,7 +83,6 @@ class SharedApply(ApplyRun):
     """An apply whose layers are computed into the journal first: by every rank of a torchrun launch, or
     by one process with ``--resume``; rank 0 writes the output and the report."""
 
-    group: Group = SOLO
     resume: bool = False
     execution: dict[str, Any] = field(default_factory=dict)
 

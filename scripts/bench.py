@@ -371,14 +371,18 @@ def calibrated_markdown(rows: list[dict], sizes: dict[str, str], command: str) -
     return "\n".join(lines) + "\n"
 
 
+SCALEOUT_HEADING = "## Scaling out (torchrun)"
+
+
 def write_section(path: Path, main: str | None, section: str | None) -> None:
     """Replace the main table or the calibrated section of the benchmarks page, keeping the other."""
     text = path.read_text() if path.exists() else ""
+    text, scaleout, rest = text.partition(SCALEOUT_HEADING)  # scripts/bench_scaleout.py's section stays
     head, _, tail = text.partition(CALIBRATED_HEADING)
     old_section = CALIBRATED_HEADING + tail if tail else ""
     parts = [main if main is not None else head.rstrip("\n") + "\n", section if section is not None else old_section]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(p for p in parts if p))
+    path.write_text("\n".join(p for p in parts if p) + ("\n" + scaleout + rest if scaleout else ""))
 
 
 CALIBRATED_CHECKPOINTS = {  # label, layers, runs (the whole model: ~45 min a calibrated run on two cores)

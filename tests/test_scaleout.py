@@ -217,3 +217,17 @@ def _a_key_of_rank_1(src: Path) -> str:
         plan = make_plan(checkpoint, FactorizeConfig(selection=SelectionConfig(min_features=64)), spectra=False,
                          read_weights=False)
     return shares(list(plan.to_factorize), 2)[1][0].candidate.weight.key
+
+
+def test_plan_under_torchrun_reads_each_share_once_and_rank_0_prints_the_plan(tmp_path):
+    src = tmp_path / "in.safetensors"
+    save_file(model(3, 384), src)
+    flags = ["--min-features", "64", "--rank-policy", "energy:0.6", "--json", "-q"]
+    one = run(ONE, "plan", src, *flags, threads=2)
+    two = run(TWO, "plan", src, *flags, threads=1)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    a, b = json.loads(one.stdout), json.loads(two.stdout)  # one JSON document: only rank 0 prints
+    assert [layer["rank"] for layer in a["layers"]] == [layer["rank"] for layer in b["layers"]]
+    assert all(layer["rank"] < 384 for layer in b["layers"])  # the energy policy read every spectrum
+    # the spectra come from one math thread per layer on the ranks, two in the one process: float32 rounding
+    assert b["totals"]["predicted_error"] == pytest.approx(a["totals"]["predicted_error"], rel=1e-6)

@@ -28,9 +28,6 @@ def run_jobs(jobs: list[Job], work: Callable[[Job], dict[str, Any]], *, quiet: b
     from factorize_cli.cli.render import show
     from factorize_cli.report import dumps
 
-    if distributed.follower():  # under torchrun only rank 0 prints; the others' failures reach it
-        quiet, jsonl, json_out = True, False, False
-
     counts = dict.fromkeys(EXIT, 0)
     debug = _debug()
     for job in jobs:
@@ -41,7 +38,7 @@ def run_jobs(jobs: list[Job], work: Callable[[Job], dict[str, Any]], *, quiet: b
             status = OK
         except GateError as e:
             report, status = e.report, GATE_FAILED
-            for violation in e.violations if not distributed.follower() else ():
+            for violation in e.violations if not distributed.follower() else ():  # joined by work()
                 print(f"factorize: gate failed: {job.source}: {violation}", file=sys.stderr)
         except FactorizeError as e:
             status, error = FAILED if e.exit_code < 3 else INTERNAL, str(e)
@@ -52,11 +49,12 @@ def run_jobs(jobs: list[Job], work: Callable[[Job], dict[str, Any]], *, quiet: b
             if debug:
                 raise
             status, error = INTERNAL, f"internal error: {type(e).__name__}: {e}; rerun with --debug for the traceback"
+        counts[status] += 1
+        if distributed.follower():  # under torchrun rank 0 prints; the other ranks' failures reach it
+            continue
         if error is not None:
             error = " ".join(error.split())
-            if not distributed.follower():
-                print(f"factorize: error: {error}", file=sys.stderr)
-        counts[status] += 1
+            print(f"factorize: error: {error}", file=sys.stderr)
         if report is not None:
             show(report, quiet=quiet)
             if json_out:
@@ -64,7 +62,7 @@ def run_jobs(jobs: list[Job], work: Callable[[Job], dict[str, Any]], *, quiet: b
         if jsonl:
             sys.stdout.write(json.dumps(_line(job, status, report, error), allow_nan=False) + "\n")
             sys.stdout.flush()
-    if len(jobs) > 1 and not (quiet and not any(counts[s] for s in (GATE_FAILED, FAILED, INTERNAL))):
+    if len(jobs) > 1 and not distributed.follower() and not (quiet and not any(counts[s] for s in (GATE_FAILED, FAILED, INTERNAL))):
         print(f"factorize: {len(jobs)} checkpoints: {counts[OK]} done, {counts[GATE_FAILED]} failed a gate, "
               f"{counts[FAILED] + counts[INTERNAL]} failed", file=sys.stderr)
     return max((EXIT[s] for s, n in counts.items() if n), default=0)
