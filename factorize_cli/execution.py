@@ -104,6 +104,7 @@ class GivenWork:
     lookup: Callable[[LayerPlan], tuple[Given, LayerResult]]
     progress: Progress = field(default_factory=Silent)
     results: dict[str, LayerResult] = field(default_factory=dict)
+    ready_shards: dict | None = None  # shards of a folder output other processes wrote: {name: path}
     reads_weights = False
 
     def factorize(self, layer: LayerPlan, weight: object) -> tuple[Given, LayerResult]:

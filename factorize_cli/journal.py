@@ -148,6 +148,14 @@ class Journal:
     def load(self, layer: LayerPlan) -> tuple[Any, LayerResult]:
         """A finished layer's factors (``.first``/``.second``) and result."""
         from factorize_cli.execution import Given, GivenFactors
+
+        return self._read(layer, lambda f: Given(GivenFactors(f.get("first"), f.get("second"))))
+
+    def result(self, layer: LayerPlan) -> LayerResult:
+        """A finished layer's result (its factors are not read)."""
+        return self._read(layer, lambda f: None)[1]
+
+    def _read(self, layer: LayerPlan, factors: Any) -> tuple[Any, LayerResult]:
         from factorize_cli.formats.safetensors import SafetensorsFile
         from factorize_cli.report import LayerResult
 
@@ -155,13 +163,16 @@ class Journal:
         try:
             if json.loads(f.metadata.get("layer", "null")) != _key(layer):
                 raise InputError(f"{self.path}: the entry of {layer.name} is not the planned layer's")
-            keys = {info.key for info in f.infos}
-            first, second = f.get("first"), f.get("second")
-            spectrum = f.get("spectrum") if "spectrum" in keys else None
-            result = LayerResult(**json.loads(f.metadata["result"]), spectrum=spectrum)
+            spectrum = f.get("spectrum") if any(info.key == "spectrum" for info in f.infos) else None
+            return factors(f), LayerResult(**json.loads(f.metadata["result"]), spectrum=spectrum)
         finally:
             f.close()
-        return Given(GivenFactors(first, second)), result
+
+    def shards(self) -> Path:
+        """Where the ranks put the output's shards they write, until rank 0 moves them into the output."""
+        folder = self.path / "shards"
+        folder.mkdir(exist_ok=True)
+        return folder
 
     def mark_non_finite(self, name: str) -> None:
         entry = self.path / "non-finite" / f"{_layer_id(name)}.json"

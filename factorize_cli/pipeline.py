@@ -88,6 +88,11 @@ def rank_map(plan: Plan) -> dict[str, int]:
     return {layer.name: layer.rank for layer in plan.to_factorize if layer.rank is not None}
 
 
+def output_metadata(plan: Plan) -> dict[str, str]:
+    """What every output carries beside its tensors: the rank map (for loading it back)."""
+    return {RANKS_METADATA_KEY: json.dumps(rank_map(plan), sort_keys=True)}
+
+
 def _timing(started: datetime, t0: float) -> dict[str, Any]:
     return {"started_at": started.isoformat(timespec="seconds"), "seconds": round(time.perf_counter() - t0, 3)}
 
@@ -187,7 +192,7 @@ class ApplyRun:
         try:
             self.destination["files"] = handler.write(
                 checkpoint, plan, work, self.output, before_commit=lambda written: self._commit(written, work),
-                metadata={RANKS_METADATA_KEY: json.dumps(rank_map(plan), sort_keys=True)})
+                metadata=output_metadata(plan))
             self.destination["written"] = True
         except GateError:
             write_reports(self.final, self.report_path, self.html_path)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from factorize_cli.errors import InputError
@@ -78,14 +79,21 @@ def output_layout(checkpoint: Checkpoint, plan: Plan) -> list[Placed]:
     return placed
 
 
+FACTORS = (Role.FIRST, Role.SECOND)
+
+
 def _sources(layout: list[Placed], weights: bool) -> Iterator[str]:
     """The input keys :func:`execute` reads, in the order it reads them (``weights``: the factorized
-    layers' weights too, unless their factors were computed before)."""
+    layers' weights too, unless their factors were computed before). A layer's weight is read for the
+    first of its factors in the layout (a shard may begin with a second factor)."""
+    seen: set[str] = set()
     for placed in layout:
         if placed.role is Role.COPY:
             yield placed.entry.source
-        elif placed.role is Role.FIRST and weights:
-            yield placed.layer.candidate.weight.key
+        elif placed.role in FACTORS and placed.layer.name not in seen:
+            seen.add(placed.layer.name)
+            if weights:
+                yield placed.layer.candidate.weight.key
         elif placed.role is Role.BIAS and placed.layer.candidate.bias is not None:
             yield placed.layer.candidate.bias.key
 
@@ -108,10 +116,11 @@ def execute(checkpoint: Checkpoint, layout: list[Placed], work: LayerWork) -> It
 
     def front() -> torch.Tensor:
         placed, value = window.popleft()
-        if placed.role is Role.FIRST:
+        if isinstance(value, Future):  # the layer's first factor in this layout
             last[:] = [work.record(placed.layer, value.result()).factors]
-            return last[0].first
-        return last[0].second if placed.role is Role.SECOND else value
+        if placed.role in FACTORS:
+            return last[0].first if placed.role is Role.FIRST else last[0].second
+        return value
 
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)  # worker threads inherit it: one math thread per core, no oversubscription
@@ -151,14 +160,35 @@ def _staged(layout: list[Placed], reads: Iterator, pool: ThreadPoolExecutor, wor
     import torch
 
     weights = getattr(work, "reads_weights", True)
+    seen: set[str] = set()
     for placed in layout:
         layer = placed.layer
         if placed.role is Role.COPY:
             yield placed, next(reads)
-        elif placed.role is Role.FIRST:
+        elif placed.role in FACTORS and layer.name not in seen:
+            seen.add(layer.name)
             yield placed, pool.submit(work.factorize, layer, next(reads) if weights else None)
-        elif placed.role is Role.SECOND:
+        elif placed.role in FACTORS:
             yield placed, None
         else:  # Role.BIAS
             bias = layer.candidate.bias
             yield placed, next(reads) if bias else torch.zeros(placed.entry.shape, dtype=getattr(torch, placed.entry.dtype))
+
+
+def placed_shards(checkpoint: Checkpoint, layout: list[Placed]) -> dict[str, list[Placed]]:
+    """The shards of a folder output (as :func:`factorize_cli.formats.write_shard_set` names and fills
+    them), each with the placed tensors it holds, in layout order."""
+    from factorize_cli.formats import DEFAULT_MAX_SHARD_BYTES, assign_shards
+
+    by_key = {p.entry.key: p for p in layout}
+    shards = assign_shards(checkpoint, [p.entry for p in layout], DEFAULT_MAX_SHARD_BYTES)
+    return {name: [by_key[e.key] for e in entries] for name, entries in shards.items()}
+
+
+def unwritten(checkpoint: Checkpoint, layout: list[Placed], ready: dict[str, Path] | None) -> list[Placed]:
+    """The layout without the tensors of shards that are ``ready`` (written by other processes)."""
+    if not ready:
+        return layout
+    done = {p.entry.key for name, placed in placed_shards(checkpoint, layout).items() if name in ready
+            for p in placed}
+    return [p for p in layout if p.entry.key not in done]

@@ -13,8 +13,10 @@ the journal are not computed again, whoever computed them.
 from __future__ import annotations
 
 import collections
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from factorize_cli.distributed import SOLO, Group, balanced
@@ -116,13 +118,43 @@ class SharedApply(ApplyRun):
         found = {name for *_, names in counts for name in names}
         if found - self.non_finite:
             raise NonFiniteWeight(*sorted(found))
+        shards = checkpoint.handler.shard_files(checkpoint, plan, self.output) if group.distributed else {}
+        ready = self._write_shards(checkpoint, plan, shards) if shards else None
         if not group.lead:
             return None
         self.execution = {"processes": group.world, "backend": group.backend or "none",
                           "threads_per_layer": _threads_per_layer(work),
                           "layers_per_process": [n for n, _, _ in counts],
                           "resumed_layers": sum(r for _, r, _ in counts), "journal": str(journal.path)}
-        return GivenWork(journal.load, self.progress)
+        if ready:
+            self.execution["shards_per_process"] = [sum(1 for o in self._shard_owners if o == r)
+                                                    for r in range(group.world)]
+        results = {layer.name: journal.result(layer) for layer in plan.to_factorize}
+        return GivenWork(journal.load, self.progress, results=results, ready_shards=ready)
+
+    def _write_shards(self, checkpoint: Checkpoint, plan: Plan, shards: dict[str, list]) -> dict[str, Path]:
+        """Each rank writes its share of a folder output's shards (balanced by bytes) from the journal and
+        the input, into the journal's folder; rank 0's writer moves them into the output."""
+        from factorize_cli.atomic import _fsync_file
+        from factorize_cli.formats import write_shard
+        from factorize_cli.pipeline import output_metadata
+        from factorize_cli.rewrite import execute
+
+        group, journal = self.group, self.journal
+        assert journal is not None
+        names = list(shards)
+        self._shard_owners = balanced([sum(p.entry.nbytes for p in shards[n]) for n in names], group.world)
+        folder, metadata = journal.shards(), output_metadata(plan)
+        with group.step():
+            for name, owner in zip(names, self._shard_owners):
+                if owner != group.rank:
+                    continue
+                placed, tmp = shards[name], folder / f".{name}.tmp-{os.getpid()}"
+                write_shard(checkpoint, tmp, [p.entry for p in placed],
+                            execute(checkpoint, placed, GivenWork(journal.load)), metadata)
+                _fsync_file(tmp)
+                os.replace(tmp, folder / name)
+        return {name: folder / name for name in names}
 
     def _run(self, checkpoint: Checkpoint, whitener: Whitener) -> dict[str, Any] | None:
         try:

@@ -92,6 +92,8 @@ def test_two_processes_write_what_one_process_writes(tmp_path, source, output):
     assert sum(report["execution"]["layers_per_process"]) == report["totals"]["factorized"] == 8
     assert min(report["execution"]["layers_per_process"]) == 4  # balanced: equal layers, equal shares
     assert journals(two) == []  # the journal goes once the output is in place
+    if source == "sharded":  # each rank wrote one of the two shards, rank 0 the index
+        assert report["execution"]["shards_per_process"] == [1, 1]
     assert b.stdout.strip() == ""  # -q: nothing on stdout from any rank
 
 
@@ -231,3 +233,33 @@ def test_plan_under_torchrun_reads_each_share_once_and_rank_0_prints_the_plan(tm
     assert all(layer["rank"] < 384 for layer in b["layers"])  # the energy policy read every spectrum
     # the spectra come from one math thread per layer on the ranks, two in the one process: float32 rounding
     assert b["totals"]["predicted_error"] == pytest.approx(a["totals"]["predicted_error"], rel=1e-6)
+
+
+def test_shards_cut_anywhere_hold_what_the_whole_layout_holds(tmp_path):
+    """A shard of a greedy-filled folder may begin with a layer's second factor or its bias: each rank
+    writes its shards from sub-layouts, and the pieces must be the whole output's tensors."""
+    from factorize_cli.config import FactorizeConfig, SelectionConfig
+    from factorize_cli.execution import Given, GivenFactors, GivenWork, LayerWork
+    from factorize_cli.formats import open_checkpoint
+    from factorize_cli.pipeline import make_plan
+    from factorize_cli.rewrite import Role, execute, output_layout
+    from factorize_cli.whitening import Whitener
+
+    src = tmp_path / "in.safetensors"
+    save_file(model(2, 64), src)
+    config = FactorizeConfig(selection=SelectionConfig(min_features=32))
+    with open_checkpoint(src) as checkpoint, Whitener(None) as whitener:
+        plan = make_plan(checkpoint, config, spectra=False, read_weights=False)
+        layout = output_layout(checkpoint, plan)
+        computed = LayerWork(config, whitener)
+        factors = {layer.name: computed.factorize(layer, checkpoint.get(layer.candidate.weight.key))
+                   for layer in plan.to_factorize}
+        given = lambda: GivenWork(lambda layer: (Given(GivenFactors(factors[layer.name][0].factors.first,  # noqa: E731
+                                                                    factors[layer.name][0].factors.second)),
+                                                 factors[layer.name][1]))
+        whole = list(execute(checkpoint, layout, given()))
+        cuts = [k for k, p in enumerate(layout) if p.role in (Role.SECOND, Role.BIAS)]
+        assert cuts
+        for k in cuts:
+            pieces = list(execute(checkpoint, layout[:k], given())) + list(execute(checkpoint, layout[k:], given()))
+            assert len(pieces) == len(whole) and all(torch.equal(a, b) for a, b in zip(pieces, whole))

@@ -111,11 +111,13 @@ def output_kind(path: Path) -> OutputKind:
 
 def write_checkpoint(checkpoint: Checkpoint, layout: Sequence, tensors: Iterator, dest: Path,
                      *, metadata: dict[str, str], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                     before_commit: Callable[[Path], None] = lambda tmp: None) -> list[str]:
+                     before_commit: Callable[[Path], None] = lambda tmp: None,
+                     ready: dict[str, Path] | None = None) -> list[str]:
     """Write ``tensors`` (in ``layout`` order) to ``dest`` atomically; return the files written.
 
     ``before_commit`` runs once everything is written but before it appears at ``dest``; an
-    exception from it (a failed gate) leaves nothing behind.
+    exception from it (a failed gate) leaves nothing behind. ``ready``: for a folder of shards, the
+    shards already written by other processes (``tensors`` then holds only the other shards').
     """
     from factorize_cli.atomic import atomic_path
 
@@ -142,44 +144,56 @@ def write_checkpoint(checkpoint: Checkpoint, layout: Sequence, tensors: Iterator
             before_commit(tmp)
         return [str(dest)]
 
-    return _write_shards(checkpoint, layout, tensors, dest, metadata, max_shard_bytes, before_commit)
+    return _write_shards(checkpoint, layout, tensors, dest, metadata, max_shard_bytes, before_commit, ready)
 
 
 def _write_shards(checkpoint: Checkpoint, layout: Sequence, tensors: Iterator, dest: Path, metadata: dict[str, str],
-                  max_shard_bytes: int, before_commit: Callable[[Path], None]) -> list[str]:
+                  max_shard_bytes: int, before_commit: Callable[[Path], None],
+                  ready: dict[str, Path] | None) -> list[str]:
     """A folder of shards in the input's shard format, its index, and our marker."""
     from factorize_cli import __version__
     from factorize_cli.atomic import atomic_path
     from factorize_cli.outputs import write_marker
 
     with atomic_path(dest, directory=True) as tmp:
-        names = write_shard_set(checkpoint, layout, tensors, tmp, metadata, max_shard_bytes)
+        names = write_shard_set(checkpoint, layout, tensors, tmp, metadata, max_shard_bytes, ready)
         write_marker(tmp, names, f"factorize {__version__}")
         before_commit(tmp)
     return [str(dest / name) for name in names]
 
 
 def write_shard_set(checkpoint: Checkpoint, layout: Sequence, tensors: Iterator, folder: Path,
-                    metadata: dict[str, str], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+                    metadata: dict[str, str], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                    ready: dict[str, Path] | None = None) -> list[str]:
     """Shards in the input's shard format (``torch.save`` shards for a ``.bin`` index) and their index,
-    written into ``folder`` (already a temporary); the names written, index last."""
-    from factorize_cli.formats.safetensors import write_safetensors
-    from factorize_cli.formats.sharded import DEFAULT_INDEX, TORCH_INDEX, write_index
+    written into ``folder`` (already a temporary); the names written, index last. ``ready``: shards other
+    processes already wrote (:func:`write_shard`), moved in; ``tensors`` holds only the others'."""
+    from factorize_cli.formats.sharded import DEFAULT_INDEX, write_index
 
     index_name = checkpoint.index_name or DEFAULT_INDEX
-    torch_shards = index_name.endswith(TORCH_INDEX)
     shards = assign_shards(checkpoint, layout, max_shard_bytes)
     weight_map = {}
     for name, entries in shards.items():
-        chunk = itertools.islice(tensors, len(entries))
-        if torch_shards:
-            from factorize_cli.formats.torchfile import save_torch
-            save_torch({e.key: t for e, t in zip(entries, chunk, strict=True)}, folder / name)
+        if ready and name in ready:
+            os.replace(ready[name], folder / name)
         else:
-            write_safetensors(folder / name, entries, chunk, {**checkpoint.metadata, **metadata})
+            write_shard(checkpoint, folder / name, entries, itertools.islice(tensors, len(entries)), metadata)
         weight_map.update({e.key: name for e in entries})
     write_index(folder / index_name, weight_map, sum(e.nbytes for e in layout), metadata)
     return [*shards, index_name]
+
+
+def write_shard(checkpoint: Checkpoint, path: Path, entries: Sequence, tensors: Iterable,
+                metadata: dict[str, str]) -> None:
+    """One shard of a shard set, in the input's shard format."""
+    from factorize_cli.formats.sharded import TORCH_INDEX
+
+    if (checkpoint.index_name or "").endswith(TORCH_INDEX):
+        from factorize_cli.formats.torchfile import save_torch
+        save_torch({e.key: t for e, t in zip(entries, tensors, strict=True)}, path)
+    else:
+        from factorize_cli.formats.safetensors import write_safetensors
+        write_safetensors(path, entries, tensors, {**checkpoint.metadata, **metadata})
 
 
 def assign_shards(checkpoint: Checkpoint, layout: Sequence, max_shard_bytes: int) -> dict[str, list]:

@@ -128,6 +128,10 @@ class Format(Protocol):
               before_commit: Callable[[Path], None]) -> list[str]:
         """Write the planned result atomically (``work`` factorizes each layer); the files written."""
 
+    def shard_files(self, checkpoint: Checkpoint, plan: Any, output: Path) -> dict[str, list]:
+        """The output's shard files, each with the tensors it holds (``rewrite.Placed``), when the output is
+        a folder of shards that several processes can write side by side; {} otherwise."""
+
     def verifier(self, checkpoint: Checkpoint, source: Path) -> Callable[..., dict[str, Any]]:
         """A function running the original and a written result side by side (``--verify``)."""
 

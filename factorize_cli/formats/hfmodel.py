@@ -168,13 +168,13 @@ class ModelFolderFormat(StateDictFormat):
         from factorize_cli import __version__
         from factorize_cli.atomic import atomic_path
         from factorize_cli.outputs import write_marker
-        from factorize_cli.rewrite import execute, output_layout
+        from factorize_cli.rewrite import execute, output_layout, unwritten
 
-        layout = output_layout(checkpoint, plan)
-        entries, tensors = [p.entry for p in layout], execute(checkpoint, layout, work)
+        layout, ready = output_layout(checkpoint, plan), getattr(work, "ready_shards", None)
+        entries, tensors = [p.entry for p in layout], execute(checkpoint, unwritten(checkpoint, layout, ready), work)
         with atomic_path(output, directory=True) as tmp:
             if self.folder.sharded:
-                written = write_shard_set(checkpoint, entries, tensors, tmp, metadata)
+                written = write_shard_set(checkpoint, entries, tensors, tmp, metadata, ready=ready)
             else:
                 write_checkpoint(checkpoint, entries, tensors, tmp / self.folder.weights, metadata=metadata)
                 written = [self.folder.weights]
@@ -188,6 +188,16 @@ class ModelFolderFormat(StateDictFormat):
             write_marker(tmp, files, f"factorize {__version__}")
             before_commit(tmp)
         return [str(output / rel) for rel in files]
+
+
+    def shard_files(self, checkpoint: Checkpoint, plan: Plan, output: Path) -> dict[str, list]:
+        if self.output_kind(checkpoint, output) is not OutputKind.HF_MODEL:
+            return super().shard_files(checkpoint, plan, output)
+        if not self.folder.sharded:
+            return {}
+        from factorize_cli.rewrite import output_layout, placed_shards
+
+        return placed_shards(checkpoint, output_layout(checkpoint, plan))
 
 
 def rank_map_source(folder: Path) -> tuple[Path, str]:

@@ -58,11 +58,21 @@ class StateDictFormat:
 
     def write(self, checkpoint: Checkpoint, plan: Plan, work: LayerWork, output: Path, *, metadata: dict[str, str],
               before_commit: Callable[[Path], None]) -> list[str]:
-        from factorize_cli.rewrite import execute, output_layout
+        from factorize_cli.rewrite import execute, output_layout, unwritten
 
-        layout = output_layout(checkpoint, plan)
-        return write_checkpoint(checkpoint, [p.entry for p in layout], execute(checkpoint, layout, work), output,
-                                metadata=metadata, before_commit=before_commit)
+        layout, ready = output_layout(checkpoint, plan), getattr(work, "ready_shards", None)
+        return write_checkpoint(checkpoint, [p.entry for p in layout],
+                                execute(checkpoint, unwritten(checkpoint, layout, ready), work), output,
+                                metadata=metadata, before_commit=before_commit, ready=ready)
+
+    def shard_files(self, checkpoint: Checkpoint, plan: Plan, output: Path) -> dict[str, list]:
+        """The output's shards, each with what it holds (rewrite.Placed), when the output is a folder of
+        shards (which the ranks of a torchrun launch write side by side); {} for any other output."""
+        from factorize_cli.rewrite import output_layout, placed_shards
+
+        if self.output_kind(checkpoint, output) not in (OutputKind.SHARDED, OutputKind.TORCH_SHARDED):
+            return {}
+        return placed_shards(checkpoint, output_layout(checkpoint, plan))
 
     def state_dict(self, checkpoint: Checkpoint, plan: Plan, work: LayerWork) -> collections.OrderedDict:
         """The factorized state dict in memory (the Python API)."""

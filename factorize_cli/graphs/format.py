@@ -97,6 +97,9 @@ class GraphFormat:
             checkpoint.container, plan, lambda layer: work.factorize(layer, checkpoint.get(layer.candidate.weight.key)),
             work.results, work.progress, output, before_commit=before_commit)
 
+    def shard_files(self, checkpoint: Checkpoint, plan: Plan, output: Path) -> dict[str, list]:
+        return {}  # one archive or program: rank 0 writes it
+
     def verifier(self, checkpoint: Checkpoint, source: Path) -> Callable[..., dict[str, Any]]:
         from factorize_cli.graphs.verify import verify
 
