@@ -36,6 +36,7 @@ from torch import nn
 
 from factorize_cli.runs import PLAIN, Calibration, ModuleTaps, Swaps, Taps, eval_mode
 from factorize_cli.config import BudgetPolicy, FactorizeConfig
+from factorize_cli.distributed import SOLO, Group
 from factorize_cli.errors import GateError, UsageError, describe
 from factorize_cli.formats.base import Checkpoint, TensorInfo, dtype_name, shared_storage
 from factorize_cli.geometry import Geometry, LayerKind
@@ -133,7 +134,8 @@ class Subject:
 
 def run_live(model: nn.Module, config: FactorizeConfig, data: Iterable[Any] | None, swaps: Swaps, *,
              sequential: bool, before_work: Callable[[LiveRun], None] = lambda run: None,
-             progress: Progress | None = None) -> LiveRun:
+             progress: Progress | None = None, group: Group = SOLO, everything: Iterable[Any] | None = None
+             ) -> LiveRun:
     """Plan ``model``'s layers, call ``before_work`` with the plan, then factorize them into ``swaps``
     (the caller undoes the swaps when it fails)."""
     found = model_layers(model, shared_storage(model.state_dict()))
@@ -146,22 +148,27 @@ def run_live(model: nn.Module, config: FactorizeConfig, data: Iterable[Any] | No
                       ModuleTaps(model, modules), install, f"<{type(model).__name__}>", FORMAT)
     with eval_mode(model) if data is not None else nullcontext():
         return run_subject(subject, config, data, swaps, sequential=sequential, before_work=before_work,
-                           progress=progress)
+                           progress=progress, group=group, everything=everything)
 
 
 def run_subject(subject: Subject, config: FactorizeConfig, data: Iterable[Any] | None, swaps: Any, *,
                 sequential: bool, before_work: Callable[[LiveRun], None] = lambda run: None,
-                progress: Progress | None = None) -> LiveRun:
+                progress: Progress | None = None, group: Group = SOLO, everything: Iterable[Any] | None = None
+                ) -> LiveRun:
     """Plan the subject's layers, call ``before_work`` with the plan, then factorize them, each installed
-    by the subject (``swaps``: where installed layers are undone for the original model's runs)."""
+    by the subject (``swaps``: where installed layers are undone for the original model's runs).
+
+    Under torchrun (``group``) ``data`` is this rank's share of ``everything``: the data runs' sums are
+    added up over the ranks, each layer's spectrum, sensitivity and factors are computed by one rank and
+    given to all (every rank installs every layer, in the same order, before the next layers' runs)."""
     progress = progress or Silent()
-    plan, calibration = _plan(subject, config, data, progress)
+    plan, calibration = _plan(subject, config, data, progress, group, everything)
     run = LiveRun(plan, calibration.notes(sequential) if calibration is not None else [])
     before_work(run)
     progress.start("sequential factors" if sequential and calibration else "factors", len(plan.to_factorize))
     try:
         run.results, run.methods = _execute(plan, subject, config, calibration, swaps, sequential=sequential,
-                                            progress=progress)
+                                            progress=progress, group=group)
     finally:
         progress.stop()
     if calibration is not None:  # the batches counted by the runs that were made
@@ -245,8 +252,8 @@ def model_layers(model: nn.Module, tied: Mapping[str, str]) -> list[tuple[Candid
     return found
 
 
-def _plan(subject: Subject, config: FactorizeConfig, data: Iterable[Any] | None,
-          progress: Progress) -> tuple[Plan, Calibration | None]:
+def _plan(subject: Subject, config: FactorizeConfig, data: Iterable[Any] | None, progress: Progress,
+          group: Group = SOLO, everything: Iterable[Any] | None = None) -> tuple[Plan, Calibration | None]:
     """The CLI's plan for the model's layers; with data, which layers it reaches and (when the policy
     needs spectra) their whitened spectra and, for a budget, each layer's measured output sensitivity."""
     from factorize_cli.factorization import all_finite, choose_engine, singular_values
@@ -254,7 +261,8 @@ def _plan(subject: Subject, config: FactorizeConfig, data: Iterable[Any] | None,
     weights = subject.weights
     screened = [c for c in subject.candidates if screen(c, config.selection).reason is None]
     finite = [c for c in screened if all_finite(weights[c.name].detach())]
-    calibration = Calibration(subject.taps, data, {c.name: c.geometry for c in finite}) if data is not None else None
+    calibration = Calibration(subject.taps, data, {c.name: c.geometry for c in finite}, group=group,
+                              everything=everything) if data is not None else None
     measured = _Measured()
     if config.needs_spectra:
         engines = {c.name: config.svd if config.svd in ("exact", "gram") else choose_engine(c.geometry)
@@ -266,10 +274,10 @@ def _plan(subject: Subject, config: FactorizeConfig, data: Iterable[Any] | None,
                 measured = _calibrated_spectra(subject, calibration, config, engines, progress)
             finally:
                 progress.stop()
-        for c in finite:
-            if c.name not in measured.spectra:
-                measured.spectra[c.name] = singular_values(weights[c.name].detach(), c.geometry,
-                                                           engine=engines[c.name], device=config.device)
+        plain = {c.name: (c.geometry.cost, lambda c=c: singular_values(weights[c.name].detach(), c.geometry,
+                                                                       engine=engines[c.name], device=config.device))
+                 for c in finite if c.name not in measured.spectra}
+        measured.spectra.update(group.shared(plain))
     names = {c.name for c in finite}
 
     def inspect(layer: LayerPlan) -> LayerPlan:
@@ -306,22 +314,29 @@ def _calibrated_spectra(subject: Subject, calibration: Calibration, config: Fact
 
     measured = _Measured()
     budget = config.policy if isinstance(config.policy, BudgetPolicy) else None
-    probe = OutputProbe(subject.taps.output, first_samples(calibration.data)) if budget is not None else None
+    probe = OutputProbe(subject.taps.output, first_samples(calibration.everything)) if budget is not None else None
+
+    def measure(name: str, pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, float | None]:
+        live, geometry = subject.weights[name], calibration.geometries[name]
+        spectrum = whitened_singular_values(live.detach(), geometry, pair[0], engine=engines[name],
+                                            device=config.device)
+        value = layer_sensitivity(probe, live, geometry, pair, budget.fraction, engine=config.svd,
+                                  seed=layer_seed(config.seed, name), device=config.device) if probe else None
+        return spectrum, value
+
     for group, moment, _ in calibration.one_shot(calibration.groups):
         pair = _whitening(moment)
-        for name in group.names:
-            progress.advance(name)
-            if isinstance(pair, str):
-                measured.plain[name] = pair
-                continue
-            live, geometry = subject.weights[name], calibration.geometries[name]
-            measured.spectra[name] = whitened_singular_values(live.detach(), geometry, pair[0], engine=engines[name],
-                                                              device=config.device)
-            if probe is not None:
-                value = layer_sensitivity(probe, live, geometry, pair, budget.fraction, engine=config.svd,
-                                          seed=layer_seed(config.seed, name), device=config.device)
+        if isinstance(pair, str):
+            measured.plain.update(dict.fromkeys(group.names, pair))
+        else:
+            tasks = {name: (calibration.geometries[name].cost, lambda name=name: measure(name, pair))
+                     for name in group.names}
+            for name, (spectrum, value) in calibration.group.shared(tasks).items():
+                measured.spectra[name] = spectrum
                 if value is not None:
                     measured.sensitivity[name] = value
+        for name in group.names:
+            progress.advance(name)
     return measured
 
 
@@ -335,80 +350,88 @@ def _whitening(moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | str:
 
 
 def _execute(plan: Plan, subject: Subject, config: FactorizeConfig, calibration: Calibration | None,
-             swaps: Any, *, sequential: bool, progress: Progress) -> tuple[dict[str, LayerResult], dict[str, Method]]:
+             swaps: Any, *, sequential: bool, progress: Progress, group: Group = SOLO
+             ) -> tuple[dict[str, LayerResult], dict[str, Method]]:
     """Compute every planned layer's factors and swap in its pair: plain layers first, then the
-    calibrated ones group by group (in forward order when sequential)."""
+    calibrated ones group by group (in forward order when sequential). Each layer's factors are computed
+    by one rank (:meth:`Group.shared`) and installed by all, in plan order."""
     from factorize_cli.compensation import compensated_factors
     from factorize_cli.factorization import as_matrix, factorize_whitened
     from factorize_cli.execution import LayerWork, layer_seed
     from factorize_cli.whitening import Whitener
 
     work = LayerWork(config, Whitener(None))
-
     results: dict[str, LayerResult] = {}
     methods: dict[str, Method] = {}
     layers = {layer.name: layer for layer in plan.to_factorize}
-
     weights = subject.weights
 
-    def install(layer: LayerPlan, first: torch.Tensor, second: torch.Tensor) -> None:
-        subject.install(layer, first, second)
-        progress.advance(layer.name)
-
-    def plain(layer: LayerPlan, fallback: str | None = None) -> None:
+    def plain(layer: LayerPlan, fallback: str | None = None) -> _Done:
         outcome, result = work.factorize(replace(layer, calibrated=False), weights[layer.name].detach())
-        results[layer.name] = replace(result, fallback=fallback)
-        methods[layer.name] = Method.PLAIN
-        install(layer, outcome.factors.first, outcome.factors.second)
+        return _Done(outcome.factors.first, outcome.factors.second, replace(result, fallback=fallback), Method.PLAIN)
 
-    for layer in plan.to_factorize:
-        if not layer.calibrated:
-            plain(layer)
+    def finish(tasks: Mapping[str, Callable[[], _Done]]) -> None:
+        done = group.shared({name: (layers[name].geometry.cost, task) for name, task in tasks.items()})
+        for name, value in done.items():
+            results[name], methods[name] = value.result, value.method
+            subject.install(layers[name], value.first, value.second)
+            progress.advance(name)
+
+    finish({layer.name: lambda layer=layer: plain(layer) for layer in plan.to_factorize if not layer.calibrated})
     if calibration is None:
         return results, methods
     groups = calibration.restricted([name for name, layer in layers.items() if layer.calibrated])
     if not sequential:
-        for group, moment, _ in calibration.one_shot(groups, swaps):
-            pair = _whitening(moment)
-            for name in group.names:
-                layer = layers[name]
-                if isinstance(pair, str):
-                    plain(layer, pair)
-                    continue
-                weight = weights[name].detach()
-                try:
-                    whitened = factorize_whitened(weight, layer.geometry, layer.rank, *pair, engine=config.svd,
-                                                  seed=layer_seed(config.seed, name), device=config.device)
-                except torch.linalg.LinAlgError as e:
-                    plain(layer, f"the whitened SVD failed ({describe(e)})" + PLAIN)
-                    continue
-                outcome = whitened.outcome
-                results[name] = _result(weight, layer, outcome, whitened.output_error, outcome.factors.stats.norm)
-                methods[name] = Method.WHITENED
-                install(layer, outcome.factors.first, outcome.factors.second)
-        return results, methods
-    for group in groups:
-        matrices = {n: as_matrix(weights[n], layers[n].geometry).to(torch.float64) for n in group.names}
-        paired = calibration.paired(group, swaps, matrices)
-        del matrices
-        for name in group.names:
-            layer = layers[name]
-            weight = weights[name].detach()
+        def whitened(layer: LayerPlan, pair: tuple[torch.Tensor, torch.Tensor] | str) -> _Done:
+            if isinstance(pair, str):
+                return plain(layer, pair)
+            weight = weights[layer.name].detach()
             try:
-                if paired.count == 0:
-                    raise ValueError("no input rows")
-                done = compensated_factors(weight, layer.geometry, layer.rank, paired.moment / paired.count,
-                                           paired.cross / paired.count, float(paired.energy[name]) / paired.count,
-                                           engine=config.svd, seed=layer_seed(config.seed, name),
-                                           device=config.device)
-            except (ValueError, torch.linalg.LinAlgError) as e:
-                plain(layer, f"the error-compensating closed form failed ({describe(e)})" + PLAIN)
-                continue
-            results[name] = _result(weight, layer, done.outcome, done.output_error, done.output_norm)
-            methods[name] = Method.SEQUENTIAL
-            install(layer, done.outcome.factors.first, done.outcome.factors.second)
+                done = factorize_whitened(weight, layer.geometry, layer.rank, *pair, engine=config.svd,
+                                          seed=layer_seed(config.seed, layer.name), device=config.device)
+            except torch.linalg.LinAlgError as e:
+                return plain(layer, f"the whitened SVD failed ({describe(e)})" + PLAIN)
+            outcome = done.outcome
+            return _Done(outcome.factors.first, outcome.factors.second,
+                         _result(weight, layer, outcome, done.output_error, outcome.factors.stats.norm),
+                         Method.WHITENED)
+
+        for members, moment, _ in calibration.one_shot(groups, swaps):
+            pair = _whitening(moment)
+            finish({name: lambda name=name: whitened(layers[name], pair) for name in members.names})
+        return results, methods
+
+    def compensated(layer: LayerPlan, paired: Any) -> _Done:
+        weight = weights[layer.name].detach()
+        try:
+            if paired.count == 0:
+                raise ValueError("no input rows")
+            done = compensated_factors(weight, layer.geometry, layer.rank, paired.moment / paired.count,
+                                       paired.cross / paired.count, float(paired.energy[layer.name]) / paired.count,
+                                       engine=config.svd, seed=layer_seed(config.seed, layer.name),
+                                       device=config.device)
+        except (ValueError, torch.linalg.LinAlgError) as e:
+            return plain(layer, f"the error-compensating closed form failed ({describe(e)})" + PLAIN)
+        return _Done(done.outcome.factors.first, done.outcome.factors.second,
+                     _result(weight, layer, done.outcome, done.output_error, done.output_norm), Method.SEQUENTIAL)
+
+    for members in groups:
+        matrices = {n: as_matrix(weights[n], layers[n].geometry).to(torch.float64) for n in members.names}
+        paired = calibration.paired(members, swaps, matrices)
+        del matrices
+        finish({name: lambda name=name: compensated(layers[name], paired) for name in members.names})
         del paired
     return results, methods
+
+
+@dataclass(frozen=True)
+class _Done:
+    """One layer's factors, result and method (what a rank computes and every rank installs)."""
+
+    first: torch.Tensor
+    second: torch.Tensor
+    result: LayerResult
+    method: Method
 
 
 def _result(weight: torch.Tensor, layer: LayerPlan, outcome: Any, output_error: float | None,

@@ -56,7 +56,7 @@ class ApplyWithData(ApplyRun):
     def prepare(self, checkpoint: Checkpoint, whitener: Any) -> tuple[Plan, Any]:
         runnable = checkpoint.handler.runnable(checkpoint)
         ran = runnable.run(checkpoint, self.config, self.data, sequential=self.sequential, text=self.text,
-                           progress=self.progress, entry=self.entry)
+                           progress=self.progress, entry=self.entry, group=self.group)
         self.live_notes, self.methods = ran.notes, ran.methods
         return ran.plan, GivenWork(lambda layer: (Given(ran.factors[layer.name]), ran.results[layer.name]),
                                    self.progress)
@@ -75,8 +75,11 @@ class HfFolder:
     source: Path
 
     def run(self, checkpoint: Checkpoint, config: Any, data: Path, *, sequential: bool, text: TextDataConfig,
-            progress: Any, entry: Any = None) -> Ran:
+            progress: Any, entry: Any = None, group: Any = None) -> Ran:
+        """Under torchrun (``group``) every rank loads the model and all the text, and runs the statistics
+        on its share of the batches (:func:`~factorize_cli.api.run_subject`)."""
         from factorize_cli.api import run_live
+        from factorize_cli.distributed import SOLO
         from factorize_cli.hf import load_pretrained
         from factorize_cli.runs import Swaps
         from factorize_cli.textdata import text_batches
@@ -86,7 +89,10 @@ class HfFolder:
         model = load_pretrained(self.source, device=config.device)
         batches = text_batches(self.source, data, text, device=config.device)
         names = _checkpoint_names(model, checkpoint, config)
-        run = run_live(model, config, batches, Swaps(model), sequential=sequential, progress=progress)
+        group = group or SOLO
+        mine = share(batches, [float(b["input_ids"].shape[0]) for b in batches], group, f"{data}: the text's batches")
+        run = run_live(model, config, mine, Swaps(model), sequential=sequential, progress=progress, group=group,
+                       everything=batches)
         plan = _carried(run.plan, checkpoint, config, names)
         factors = {}
         for name, file_name in names.items():
@@ -95,6 +101,19 @@ class HfFolder:
                 factors[file_name] = Factors(pair.module0.weight.detach(), pair.module1.weight.detach())
         return Ran(plan, factors, {names[n]: r for n, r in run.results.items() if n in names},
                    {names[n]: m.value for n, m in run.methods.items() if n in names}, run.notes)
+
+
+def share(items: list, costs: list[float], group: Any, what: str) -> list:
+    """This rank's share of ``items`` (dealt by cost, in order); every rank needs at least one."""
+    from factorize_cli.distributed import balanced
+
+    if not group.distributed:
+        return items
+    if len(items) < group.world:
+        raise UsageError(f"{what}: {len(items)} for {group.world} processes; each process needs one (more samples, "
+                         "a smaller --batch-size, or fewer processes)")
+    owners = balanced(costs, group.world)
+    return [item for item, owner in zip(items, owners) if owner == group.rank]
 
 
 def _checkpoint_names(model: Any, checkpoint: Checkpoint, config: Any) -> dict[str, str]:

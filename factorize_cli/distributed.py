@@ -14,9 +14,9 @@ leaving the others waiting. Collective calls time out after ``FACTORIZE_DIST_TIM
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any
 
 from factorize_cli.errors import FactorizeError, GateError, UsageError
@@ -115,6 +115,23 @@ class Group:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def shared(self, tasks: Mapping[str, tuple[float, Callable[[], Any]]]) -> dict[str, Any]:
+        """``{name: (cost, compute)}``: each task runs on one rank (dealt by cost) and every rank gets every
+        result, in the tasks' order (tensors come back on the CPU). A failure on any rank fails all."""
+        names = list(tasks)
+        owners = balanced([tasks[n][0] for n in names], self.world) if self.distributed else [0] * len(names)
+        mine = {}
+        with self.step():
+            for name, owner in zip(names, owners):
+                if owner == self.rank:
+                    mine[name] = tasks[name][1]()
+        if not self.distributed:
+            return mine
+        every: dict[str, Any] = {}
+        for part in self.gather({name: _on_cpu(value) for name, value in mine.items()}):
+            every.update(part)
+        return {name: every[name] for name in names}
+
     @contextmanager
     def step(self) -> Iterator[None]:
         """Run this rank's share of a stage; afterwards every rank knows whether all shares succeeded.
@@ -134,6 +151,23 @@ class Group:
         if failed:
             rank, (code, message) = failed[0]
             raise PeerFailed(f"rank {rank}: {message}", code)
+
+
+def _on_cpu(value: Any) -> Any:
+    """``value`` with its tensors moved to the CPU (a pickled CUDA tensor would land on the sender's GPU)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*map(_on_cpu, value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(map(_on_cpu, value))
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if is_dataclass(value) and not isinstance(value, type):
+        return replace(value, **{f.name: _on_cpu(getattr(value, f.name)) for f in fields(value) if f.init})
+    return value
 
 
 SOLO = Group()

@@ -210,9 +210,9 @@ class ApplyRun:
 
     def compute(self, checkpoint: Checkpoint, plan: Plan, work: LayerWork) -> Any:
         """Work done before writing (a distributed or resumable run's, :mod:`factorize_cli.scaleout`); the
-        work the writer then asks for each layer's factors, or None where another process writes. Here
-        nothing: the writer factorizes each layer as it reads it."""
-        return work
+        work the writer then asks for each layer's factors, or None where another process writes (under
+        torchrun, rank 0 writes). Here nothing: the writer factorizes each layer as it reads it."""
+        return work if self.group.lead else None
 
     def decorate(self, report: dict[str, Any]) -> dict[str, Any]:
         """What a variant adds to the report (a live run's per-layer method)."""
@@ -227,11 +227,9 @@ class ApplyRun:
 
     def _gate(self, report: dict[str, Any]) -> None:
         if not report["gates"]["passed"]:
-            if self.writes_report:
+            if self.group.lead:  # under torchrun every rank knows the gates failed; rank 0 writes the report
                 write_reports(report, self.report_path, self.html_path)
             raise_for_gates(report)
-
-    writes_report = True  # False on the ranks of a distributed run other than rank 0
 
     def _commit(self, written: Path, work: LayerWork) -> None:
         """Runs once the output is complete, before it is renamed into place: the gates, --verify."""
@@ -281,16 +279,16 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
     elif data is None:
         run = ApplyRun(*args)
     else:
-        if group.distributed or resume:
-            raise UsageError("--data runs in one process and is not resumable; with torchrun, run `factorize "
-                             "calibrate` (in parallel) and then apply --calibration")
+        if resume:
+            raise UsageError("--data is not resumable: its layers are refit one after another on the model as "
+                             "it runs; drop --resume")
         from factorize_cli.datarun import ApplyWithData
         from factorize_cli.textdata import TextDataConfig
 
         if config.calibration:
             raise UsageError("--data calibrates as it goes: drop --calibration")
         run = ApplyWithData(*args, data=Path(data), text=text or TextDataConfig(), sequential=sequential,
-                            entry=entry)
+                            entry=entry, group=group)
     read = _inputs(source, config) + ([Path(data)] if data is not None else [])
     if run.specs is not None and not run.specs.specs:  # --verify FILE: an input too
         read.append(Path(run.specs.calls.source))

@@ -245,9 +245,16 @@ class WeightSwaps:
 class Calibration:
     """The model's runs over the data: the probe, one-shot and paired statistics."""
 
-    def __init__(self, taps: Taps, data: Iterable[Any], geometries: dict[str, Geometry]) -> None:
-        """``geometries``: the layers to follow (their names are ``taps``')."""
+    def __init__(self, taps: Taps, data: Iterable[Any], geometries: dict[str, Geometry], *, group: Any = None,
+                 everything: Iterable[Any] | None = None) -> None:
+        """``geometries``: the layers to follow (their names are ``taps``'). Under torchrun (``group``)
+        ``data`` is this rank's share of ``everything``: each run's sums are added up over the ranks, so
+        every rank gets the statistics of all the data; the probes use the leading batches of all of it."""
+        from factorize_cli.distributed import SOLO
+
         self.taps, self.data, self.geometries = taps, data, geometries
+        self.group = group or SOLO
+        self.everything = everything if everything is not None else data
         self.batches = 0
         self.calls: Counter[str] = Counter()  # calls per forward on the probe batch
         self.groups = self._probe()
@@ -323,12 +330,13 @@ class Calibration:
             sums[name].add(rows, rows, {})
 
         self.batches = 0
-        with swaps.originals() if swaps is not None else nullcontext():
+        with self.group.step(), swaps.originals() if swaps is not None else nullcontext():
             for batch in self.data:
                 self.taps.run(batch, list(sums), add, early=all(g.once for g in groups))
                 self.batches += 1
+        self._count_batches()
         for group in groups:
-            s = sums.pop(group.leader)
+            s = self._summed(sums.pop(group.leader), group.leader, {})
             moment = s.moment / s.count if s.moment is not None and s.count else \
                 torch.zeros(self.geometries[group.leader].fan_in, self.geometries[group.leader].fan_in,
                             dtype=torch.float64)
@@ -337,10 +345,17 @@ class Calibration:
     def paired(self, group: Group, swaps: Swaps, weights: Mapping[str, torch.Tensor]) -> Paired:
         """The group's sums over every batch, ``X`` from the original model and ``X'`` from the model as it
         is; ``weights``: each member's ``out x fan_in`` matrix (float64), for ``||X W^T||^2``."""
-        rows = self.taps.rows
         sums = Paired()
         changed = bool(swaps.names & self.called)  # else X' = X: one run per batch
         self.batches = 0
+        with self.group.step():
+            self._paired_runs(group, swaps, weights, sums, changed)
+        self._count_batches()
+        return self._summed(sums, group.leader, weights)
+
+    def _paired_runs(self, group: Group, swaps: Swaps, weights: Mapping[str, torch.Tensor], sums: Paired,
+                     changed: bool) -> None:
+        rows = self.taps.rows
         for batch in self.data:
             before: list[torch.Tensor] = []
             if changed:
@@ -364,7 +379,26 @@ class Calibration:
                 raise UsageError(f"{group.leader} is called less often by the factorized model than by the "
                                  "original on the same batch: its inputs cannot be paired; pass sequential=False")
             self.batches += 1
-        return sums
+
+    def _count_batches(self) -> None:
+        if self.group.distributed:
+            self.batches = sum(self.group.gather(self.batches))
+
+    def _summed(self, sums: Paired, leader: str, weights: Mapping[str, Any]) -> Paired:
+        """Under torchrun: the sums of every rank's share, on every rank (float64, one fixed order)."""
+        if not self.group.distributed:
+            return sums
+        fan_in = self.geometries[leader].fan_in
+        zeros = torch.zeros(fan_in, fan_in, dtype=torch.float64)
+        moment = sums.moment if sums.moment is not None else zeros
+        cross = sums.cross if sums.cross is not None else zeros.clone()
+        names = sorted(weights)
+        energy = torch.stack([sums.energy[n] for n in names]) if sums.energy is not None and names else \
+            torch.zeros(len(names), dtype=torch.float64)
+        count = torch.tensor([sums.count], dtype=torch.int64)
+        for tensor in (moment, cross, count, *([energy] if names else [])):
+            self.group.all_reduce_(tensor)
+        return Paired(moment, cross, {n: energy[i] for i, n in enumerate(names)}, int(count[0]))
 
 
 def _ref(x: torch.Tensor) -> Callable[[], torch.Tensor | None]:

@@ -89,7 +89,6 @@ class SharedApply(ApplyRun):
     execution: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.writes_report = self.group.lead
         self.journal: Journal | None = None
 
     def prepare(self, checkpoint: Checkpoint, whitener: Whitener) -> tuple[Plan, LayerWork]:

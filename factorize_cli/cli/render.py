@@ -105,7 +105,9 @@ class RichProgress:
         self._task: Any = None
 
     def start(self, description: str, total: int) -> None:
-        if not self._enabled or total == 0:
+        from factorize_cli import distributed
+
+        if not self._enabled or total == 0 or distributed.follower():  # under torchrun, rank 0's bars only
             return
         self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                              TimeElapsedColumn(), TextColumn("{task.fields[layer]}"),

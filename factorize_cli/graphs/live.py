@@ -18,7 +18,26 @@ from pathlib import Path
 from typing import Any
 
 from factorize_cli.datarun import Factors, Ran
+from factorize_cli.errors import UsageError
 from factorize_cli.formats.base import Checkpoint
+
+
+def carries_state(taps: Any, calls: Any) -> bool:
+    """Whether a call changes the program's registered buffers (a .pt2 model's state; TorchScript state held
+    in plain attributes is not seen): the first call is run and the buffers are put back as they were."""
+    import torch
+
+    root = getattr(taps, "root", None) or getattr(taps, "module", None)
+    buffers = dict(root.named_buffers()) if root is not None else {}
+    if not buffers or not len(calls):
+        return False
+    before = {name: b.detach().clone() for name, b in buffers.items()}
+    taps.output(next(iter(calls)))
+    changed = any(not torch.equal(b, before[name]) for name, b in buffers.items())
+    with torch.no_grad():
+        for name, b in buffers.items():
+            b.copy_(before[name])
+    return changed
 
 
 @dataclass(frozen=True)
@@ -30,7 +49,14 @@ class GraphProgram:
     source: Path
 
     def run(self, checkpoint: Checkpoint, config: Any, data: Path, *, sequential: bool, text: Any,
-            progress: Any, entry: Any = None) -> Ran:
+            progress: Any, entry: Any = None, group: Any = None) -> Ran:
+        """Under torchrun (``group``) each rank runs the statistics on its share of whole sequences of calls
+        (a sequence may carry state from call to call; with state that also carries from one sequence to the
+        next, no --reset, the sequences cannot be dealt out and this is refused)."""
+        from dataclasses import replace
+
+        from factorize_cli.datarun import share
+        from factorize_cli.distributed import SOLO
         from factorize_cli.api import Subject, run_subject
         from factorize_cli.graphs.calls import Entry, load_calls
         from factorize_cli.runs import WeightSwaps
@@ -48,5 +74,15 @@ class GraphProgram:
 
         candidates, notes = checkpoint.handler.candidates(checkpoint, config.selection)
         subject = Subject(tuple(candidates), taps.weights, taps, install, checkpoint.path, checkpoint.format, notes)
-        run = run_subject(subject, config, calls, swaps, sequential=sequential, progress=progress)
+        group = group or SOLO
+        mine = calls
+        if group.distributed:
+            if calls.entry.reset is None and (calls.stateful or carries_state(taps, calls)):
+                raise UsageError(f"{data}: under torchrun the calls are dealt to the processes, so each must stand "
+                                 "alone (a list of calls is one sequence, whose state may carry from call to call): "
+                                 "give --reset METHOD to deal whole sequences, or run --data in one process")
+            mine = replace(calls, sequences=tuple(share(list(calls.sequences), [float(len(q)) for q in calls.sequences],
+                                                        group, f"{data}: the sequences of calls")))
+        run = run_subject(subject, config, mine, swaps, sequential=sequential, progress=progress, group=group,
+                          everything=calls)
         return Ran(run.plan, factors, run.results, {n: m.value for n, m in run.methods.items()}, run.notes)
