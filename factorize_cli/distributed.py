@@ -108,12 +108,25 @@ class Group:
         return box[0]
 
     def all_reduce_(self, tensor: Any) -> Any:
-        """Sum ``tensor`` over the ranks, in place (float64 stays float64)."""
+        """Sum ``tensor`` over the ranks, in place (float64 stays float64). NCCL sums GPU tensors only: a
+        CPU tensor (statistics are kept on the CPU) goes through this rank's GPU and back."""
         if self.distributed:
             import torch.distributed as dist
 
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            if self.backend == "nccl" and tensor.device.type != "cuda":
+                moved = tensor.to(f"cuda:{self.local_rank}")
+                dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+                tensor.copy_(moved)
+            else:
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+    def share(self, costs: Sequence[float]) -> list[int]:
+        """The indices of the items this rank takes (:func:`balanced` by cost, in their order): every rank
+        computes the same deal, so the shares cover each item exactly once without a word exchanged."""
+        if not self.distributed:
+            return list(range(len(costs)))
+        return [i for i, owner in enumerate(balanced(costs, self.world)) if owner == self.rank]
 
     @contextmanager
     def step(self) -> Iterator[None]:
