@@ -295,23 +295,48 @@ def collect(taps: Any, calls: Calls) -> dict[str, ActivationStats]:
 
 
 def calibrate_checkpoint(model: str | Path, inputs: str | Path, stats: str | Path, *, entry: Entry = Entry(),
-                         device: str = "cpu", force: bool = False) -> dict[str, Any]:
+                         device: str = "cpu", force: bool = False) -> dict[str, Any] | None:
     """Run a TorchScript or .pt2 model on the calls of INPUTS (:mod:`~factorize_cli.graphs.calls`) and write
-    each candidate layer's statistics."""
-    from factorize_cli.calibration import save_activation_stats
+    each candidate layer's statistics.
+
+    Launched by torchrun, each rank runs whole sequences (a sequence's calls may carry state from one to
+    the next, so it is never split), dealt by number of calls; the statistics are summed over the ranks,
+    rank 0 writes them and returns the summary, the other ranks return None."""
+    from dataclasses import replace
+
+    from factorize_cli import distributed
+    from factorize_cli.calibration import reduce_stats, save_activation_stats
     from factorize_cli.errors import describe
     from factorize_cli.formats import open_checkpoint
     from factorize_cli.outputs import check_targets
 
     stats, model = Path(stats), Path(model)
-    check_targets({"statistics": stats}, [model, Path(inputs)], force=force)
-    calls = load_calls(inputs, entry, device)
-    with open_checkpoint(model) as checkpoint:
+    group = distributed.current(device)
+    device = group.device(device)
+    with group.step():  # every rank reads the whole file: a failure on one stops them all
+        check_targets({"statistics": stats}, [model, Path(inputs)], force=force)
+        calls = load_calls(inputs, entry, device)
+    owners = distributed.balanced([float(len(s)) for s in calls.sequences], group.world)
+    mine = replace(calls, sequences=tuple(s for s, owner in zip(calls.sequences, owners) if owner == group.rank))
+    with group.step(), open_checkpoint(model) as checkpoint:
         try:
-            collected = checkpoint.handler.calibrate(checkpoint, calls, device)
+            collected = checkpoint.handler.calibrate(checkpoint, mine, device)
         except RuntimeError as e:
             raise InputError(f"{model}: running the model on {inputs} failed ({describe(e)})") from e
-    save_activation_stats(collected, stats, {"model": str(model), "inputs": str(inputs),
-                                             "batches": str(len(calls)), "calls": calls.summary()})
-    return {"stats": str(stats), "layers": {name: s.count for name, s in sorted(collected.items())},
-            "batches": len(calls), "sequences": len(calls.sequences)}
+    reduce_stats(collected, group)
+    with group.step():  # a refused write on rank 0 fails every rank, not only rank 0
+        if group.lead:
+            save_activation_stats(collected, stats, {"model": str(model), "inputs": str(inputs),
+                                                     "batches": str(len(calls)), "calls": calls.summary(),
+                                                     "processes": str(group.world)})
+    if not group.lead:
+        return None
+    summary = {"stats": str(stats), "layers": {name: s.count for name, s in sorted(collected.items())},
+               "batches": len(calls), "sequences": len(calls.sequences), "processes": group.world}
+    if group.distributed:
+        summary["sequences_per_process"] = per = [owners.count(rank) for rank in range(group.world)]
+        if idle := [rank for rank, n in enumerate(per) if n == 0]:
+            summary["note"] = (f"{len(calls.sequences)} sequence(s) for {group.world} processes: rank(s) "
+                               f"{', '.join(map(str, idle))} ran none (a sequence's calls may carry state, so it "
+                               "stays whole on one rank)")
+    return summary
