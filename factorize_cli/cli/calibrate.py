@@ -33,7 +33,8 @@ calls: a tensor (one call); a list of calls (one sequence, run in order); or {"s
 A call is a tensor, a tuple of positional arguments, or {"args": (...), "kwargs": {...}}; arguments are
 tensors, int, float, bool, str, None, or lists/tuples/dicts of them. --method NAME calls that method instead
 of forward (TorchScript); --reset METHOD runs METHOD() before each sequence. The same file works for
-apply --data, apply --verify and evaluate.
+apply --data, apply --verify and evaluate. Under torchrun a program's sequences are dealt out whole (a
+sequence may carry state): a file of one sequence runs on rank 0 alone.
 """
 
 @app.command(epilog=EPILOG)
@@ -60,15 +61,14 @@ def calibrate(
     """Run the model on data and record each layer's input second moment."""
     import sys
 
+    from factorize_cli import distributed
     from factorize_cli.cli.options import _device, entry
     from factorize_cli.errors import UsageError
     from factorize_cli.hf import is_model_folder
 
-    from factorize_cli import distributed
-
-    calls = entry(method, reset)
     group = distributed.current(_device(device))  # joined first: under torchrun only rank 0 prints, errors too
     quiet = quiet or not group.lead
+    calls = entry(method, reset)
     if is_model_folder(model):
         if not calls.is_default:
             raise UsageError("--method and --reset are for TorchScript and .pt2 programs, not model folders")
