@@ -167,6 +167,12 @@ def _join(device: str) -> Group:
 
     import torch
     import torch.distributed as dist
+    # Before the group exists: torch.distributed.nn (imported by torch._dynamo, hence by transformers and
+    # torch.export) binds the world group as the default argument of its functions when imported after
+    # it, so destroy_process_group cannot free the group; gloo's worker threads then outlive the
+    # interpreter and one still dropping a finished collective's tensors aborts the process at exit
+    # ("terminate called without an active exception", exit -6, about one folder calibrate in five).
+    import torch.distributed.nn  # noqa: F401
 
     try:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
