@@ -35,7 +35,9 @@ def torchrun(tmp_path: Path, *args: object, script: Path | None = None) -> tuple
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "--log-dir", str(logs), "--redirects", "3", *target, *map(str, args)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=LAUNCH_TIMEOUT_S, cwd=tmp_path)
-    [attempt] = logs.glob("*/attempt_0")
+    attempts = list(logs.glob("*/attempt_0"))
+    assert len(attempts) == 1, (attempts, done.stderr[-3000:])
+    [attempt] = attempts
     return done, attempt
 
 
@@ -107,6 +109,37 @@ def test_program_sequences_on_two_ranks_equal_one_process(cli, tmp_path, statefu
     assert "note" not in two
 
 
+def test_stateless_sequences_without_a_reset_are_dealt_out(cli, tmp_path):
+    from tests.test_torchscript import MLP
+
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(MLP().eval()), str(tmp_path / "mlp.pt"))
+    g = torch.Generator().manual_seed(4)
+    torch.save({"sequences": [[torch.randn(8, 48, generator=g) for _ in range(n)] for n in (3, 1, 2, 2, 1)]},
+               tmp_path / "calls.pt")
+    args = [tmp_path / "mlp.pt", tmp_path / "calls.pt"]
+    one = cli("calibrate", *args, tmp_path / "one.safetensors", "-q")
+    assert one.code == 0, one.stderr
+    done, attempt = torchrun(tmp_path, "calibrate", *args, tmp_path / "two.safetensors")
+    assert done.returncode == 0, done.stderr
+    assert assert_same_stats(tmp_path / "one.safetensors", tmp_path / "two.safetensors") < 1e-13
+    two = summary(attempt)
+    assert two["layers"] == {"fc1": 72, "fc2": 72, "out": 72} and two["sequences_per_process"] == [3, 2]
+
+
+def test_state_carried_between_sequences_is_not_dealt_out(tmp_path):
+    """A .pt2 program has no reset method: one process starts each sequence where the one before left its
+    buffers, a rank starts its share from the loaded program. Rather than statistics that depend on the
+    number of processes, a one-line refusal."""
+    path = save(Stateful(), "pt2", tmp_path, (torch.zeros(1, 32),))
+    torch.save(stateful_calls(), tmp_path / "calls.pt")
+    done, attempt = torchrun(tmp_path, "calibrate", path, tmp_path / "calls.pt", tmp_path / "s.safetensors")
+    assert done.returncode != 0
+    [line] = rank_output(attempt, 0).splitlines()
+    assert "keeps state in h and no --reset clears it" in line and "calibrate in one process" in line
+    assert not (tmp_path / "s.safetensors").exists()
+
+
 def test_dropping_the_sum_over_ranks_is_caught(tmp_path, stateful_program):
     """The planted fault: each rank keeps its own share's statistics. Rank 0 then writes 8 rows of 12,
     and the comparison above fails on the counts."""
@@ -140,7 +173,7 @@ def test_a_failure_on_rank_1_fails_every_rank_with_its_error(tmp_path, stateful_
     good, bad = ([torch.randn(1, width, generator=g) for _ in range(2)] for width in (32, 31))
     torch.save({"sequences": [good, bad]}, tmp_path / "calls.pt")  # the second sequence (rank 1's) cannot run
     done, attempt = torchrun(tmp_path, "calibrate", stateful_program, tmp_path / "calls.pt",
-                             tmp_path / "s.safetensors")
+                             tmp_path / "s.safetensors", "--reset", "reset")
     assert done.returncode != 0
     [line] = rank_output(attempt, 0).splitlines()
     assert line.startswith("factorize: error: rank 1: ") and "running the model on its inputs failed" in line

@@ -172,6 +172,9 @@ class TorchScriptTaps(_Taps):
     def output(self, call: Call) -> Any:
         return self._call(call)[0]
 
+    def state(self) -> dict[str, torch.Tensor]:
+        return {name: b.detach().clone() for name, b in self.root.named_buffers()}
+
 
 def _tap(graph, node, index: int) -> None:
     """Before ``node``: ``inputs.append(x[:gate].clone()); calls.append(index)`` on the method's self."""
@@ -248,6 +251,9 @@ class ExportTaps(_Taps):
         except _RUN_ERRORS as e:
             raise self._failed(e) from e
 
+    def state(self) -> dict[str, torch.Tensor]:
+        return {name: b.detach().clone() for name, b in self.module.named_buffers()}
+
 
 class _Tap(torch.nn.Module):
     """Called with (layer, input) before each tapped layer call of a .pt2 module."""
@@ -287,11 +293,28 @@ def collect(taps: Any, calls: Calls) -> dict[str, ActivationStats]:
         if held[name] >= _BLOCK:
             flush(name)
 
+    before = taps.state() if calls.split and calls.entry.reset is None else None
     for call in calls:
         taps.run(call, list(taps.ops), add, early=False)
     for name in stats:
         flush(name)
+    if before is not None:
+        _check_independent(before, taps.state(), calls)
     return stats
+
+
+def _check_independent(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], calls: Calls) -> None:
+    """Refuse a share of the sequences when the program carries state from one sequence into the next: one
+    process runs each sequence from where the one before left the buffers (no --reset clears them), while a
+    rank starts its share from the program as loaded, so the statistics would differ with the process count."""
+    changed = [name for name, value in before.items() if not torch.equal(value, after[name])]
+    if changed:
+        from factorize_cli.errors import UsageError
+
+        raise UsageError(f"{calls.source}: the program keeps state in {', '.join(changed[:3])} and no --reset clears "
+                         "it between sequences, so each sequence starts where the one before ended and they cannot "
+                         "be dealt to several processes; give --reset METHOD (TorchScript) or calibrate in one "
+                         "process")
 
 
 def calibrate_checkpoint(model: str | Path, inputs: str | Path, stats: str | Path, *, entry: Entry = Entry(),
@@ -301,7 +324,9 @@ def calibrate_checkpoint(model: str | Path, inputs: str | Path, stats: str | Pat
 
     Launched by torchrun, each rank runs whole sequences (a sequence's calls may carry state from one to
     the next, so it is never split), dealt by number of calls; the statistics are summed over the ranks,
-    rank 0 writes them and returns the summary, the other ranks return None."""
+    rank 0 writes them and returns the summary, the other ranks return None. A program whose state also
+    carries from one sequence into the next (no --reset) is refused: its shares would not add up to the
+    one-process run."""
     from dataclasses import replace
 
     from factorize_cli import distributed
@@ -317,7 +342,8 @@ def calibrate_checkpoint(model: str | Path, inputs: str | Path, stats: str | Pat
         check_targets({"statistics": stats}, [model, Path(inputs)], force=force)
         calls = load_calls(inputs, entry, device)
     owners = distributed.balanced([float(len(s)) for s in calls.sequences], group.world)
-    mine = replace(calls, sequences=tuple(s for s, owner in zip(calls.sequences, owners) if owner == group.rank))
+    mine = replace(calls, sequences=tuple(s for s, owner in zip(calls.sequences, owners) if owner == group.rank),
+                   split=len(set(owners)) > 1)
     with group.step(), open_checkpoint(model) as checkpoint:
         try:
             collected = checkpoint.handler.calibrate(checkpoint, mine, device)
