@@ -109,7 +109,7 @@ def _sensitivities(model: Any, batches: list[dict], collected: dict[str, Any], n
     mine = [modules[i] for i in group.share(costs)]
     out: dict[str, float] = {}
     with group.step():
-        probe = OutputProbe(lambda batch: model(**batch), first_samples(batches))
+        probe = OutputProbe(lambda batch: model(**batch), first_samples(batches)) if mine else None
         progress.start(_stage("sensitivities", group), len(mine))
         try:
             for module in mine:
