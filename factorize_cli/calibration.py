@@ -20,7 +20,7 @@ import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from factorize_cli import __version__
 from factorize_cli.errors import InputError
 from factorize_cli.formats.base import dtype_name
 from factorize_cli.orientation import is_transformers_conv1d
+
+if TYPE_CHECKING:
+    from factorize_cli.distributed import Group
 
 FORMAT = "factorize-activation-stats/2"
 READABLE_FORMATS = ("factorize-activation-stats/1", FORMAT)
@@ -134,6 +137,27 @@ def collect_activation_stats(model: nn.Module, batches: Iterable[Any], *, layers
         for h in handles:
             h.remove()
     return stats
+
+
+def reduce_stats(stats: Mapping[str, ActivationStats], group: Group) -> None:
+    """Sum each layer's statistics over the ranks of a torchrun launch, in place: each rank ran its share
+    of the data, and the float64 sums and row counts of the shares add up to those of the whole. Layers
+    go in sorted order (every rank must issue the same collectives in the same order); the counts and
+    sum vectors travel as one tensor each, each ``xtx`` on its own. A single process does nothing."""
+    if not group.distributed:
+        return
+    names = sorted(stats)
+    layouts = group.gather([(name, stats[name].total.numel()) for name in names])
+    if any(layout != layouts[0] for layout in layouts):
+        raise RuntimeError("the ranks found different layers to calibrate; are they running the same model?")
+    if not names:
+        return
+    counts = group.all_reduce_(torch.tensor([stats[name].count for name in names], dtype=torch.int64))
+    totals = group.all_reduce_(torch.cat([stats[name].total.to(torch.float64) for name in names]))
+    for name, count, total in zip(names, counts.tolist(), totals.split([stats[n].total.numel() for n in names])):
+        s = stats[name]
+        s.count, s.total = int(count), total.clone()
+        group.all_reduce_(s.xtx)
 
 
 def padding_mask(batch: Any) -> torch.Tensor | None:

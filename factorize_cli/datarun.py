@@ -105,15 +105,10 @@ class HfFolder:
 
 def share(items: list, costs: list[float], group: Any, what: str) -> list:
     """This rank's share of ``items`` (dealt by cost, in order); every rank needs at least one."""
-    from factorize_cli.distributed import balanced
-
-    if not group.distributed:
-        return items
-    if len(items) < group.world:
+    if group.distributed and len(items) < group.world:
         raise UsageError(f"{what}: {len(items)} for {group.world} processes; each process needs one (more samples, "
                          "a smaller --batch-size, or fewer processes)")
-    owners = balanced(costs, group.world)
-    return [item for item, owner in zip(items, owners) if owner == group.rank]
+    return [items[i] for i in group.share(costs)]
 
 
 def _checkpoint_names(model: Any, checkpoint: Checkpoint, config: Any) -> dict[str, str]:

@@ -108,29 +108,40 @@ class Group:
         return box[0]
 
     def all_reduce_(self, tensor: Any) -> Any:
-        """Sum ``tensor`` over the ranks, in place (float64 stays float64)."""
+        """Sum ``tensor`` over the ranks, in place (float64 stays float64). NCCL sums GPU tensors only: a
+        CPU tensor (statistics are kept on the CPU) goes through this rank's GPU and back."""
         if self.distributed:
             import torch.distributed as dist
 
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            if self.backend == "nccl" and tensor.device.type != "cuda":
+                moved = tensor.to(f"cuda:{self.local_rank}")
+                dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+                tensor.copy_(moved)
+            else:
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
     def shared(self, tasks: Mapping[str, tuple[float, Callable[[], Any]]]) -> dict[str, Any]:
         """``{name: (cost, compute)}``: each task runs on one rank (dealt by cost) and every rank gets every
         result, in the tasks' order (tensors come back on the CPU). A failure on any rank fails all."""
         names = list(tasks)
-        owners = balanced([tasks[n][0] for n in names], self.world) if self.distributed else [0] * len(names)
         mine = {}
         with self.step():
-            for name, owner in zip(names, owners):
-                if owner == self.rank:
-                    mine[name] = tasks[name][1]()
+            for i in self.share([tasks[n][0] for n in names]):
+                mine[names[i]] = tasks[names[i]][1]()
         if not self.distributed:
             return mine
         every: dict[str, Any] = {}
         for part in self.gather({name: _on_cpu(value) for name, value in mine.items()}):
             every.update(part)
         return {name: every[name] for name in names}
+
+    def share(self, costs: Sequence[float]) -> list[int]:
+        """The indices of the items this rank takes (:func:`balanced` by cost, in their order): every rank
+        computes the same deal, so the shares cover each item exactly once without a word exchanged."""
+        if not self.distributed:
+            return list(range(len(costs)))
+        return [i for i, owner in enumerate(balanced(costs, self.world)) if owner == self.rank]
 
     @contextmanager
     def step(self) -> Iterator[None]:
@@ -188,6 +199,12 @@ def _join(device: str) -> Group:
 
     import torch
     import torch.distributed as dist
+    # Before the group exists: torch.distributed.nn (imported by torch._dynamo, hence by transformers and
+    # torch.export) binds the world group as the default argument of its functions when imported after
+    # it, so destroy_process_group cannot free the group; gloo's worker threads then outlive the
+    # interpreter and one still dropping a finished collective's tensors aborts the process at exit
+    # ("terminate called without an active exception", exit -6, about one folder calibrate in five).
+    import torch.distributed.nn  # noqa: F401
 
     try:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from factorize_cli.calibration import SENSITIVITY_KEY
+from factorize_cli.distributed import SOLO, Group
 from factorize_cli.progress import Progress, Silent
 from factorize_cli.sensitivity import CALIBRATE_FRACTION
 from factorize_cli.textdata import TextDataConfig
@@ -92,42 +93,56 @@ def _ticking(batches: Iterable[Any], progress: Progress) -> Iterator[Any]:
 
 
 def _sensitivities(model: Any, batches: list[dict], collected: dict[str, Any], names: dict[str, str], device: str,
-                   progress: Progress) -> dict[str, float]:
+                   progress: Progress, group: Group = SOLO) -> dict[str, float]:
     """Each layer's measured effect on the model output (factorize_cli.sensitivity), by checkpoint layer name,
-    for the budgets of ``apply --calibration``."""
+    for the budgets of ``apply --calibration``. Under torchrun each rank measures a cost-balanced share of
+    the layers (every rank holds the whole statistics by then, and each layer's measurement is seeded by
+    its name, so who measures it does not matter) and the measurements are gathered."""
     from factorize_cli.api import model_layers
     from factorize_cli.execution import layer_seed
     from factorize_cli.factorization import whitening
     from factorize_cli.sensitivity import OutputProbe, first_samples, layer_sensitivity
 
     geometries = {c.name: c.geometry for c, _ in model_layers(model, {})}
-    probe = OutputProbe(lambda batch: model(**batch), first_samples(batches))
+    modules = list(collected)
+    costs = [float(m) * n * min(m, n) for m, n in (geometries[module].matrix_shape for module in modules)]
+    mine = [modules[i] for i in group.share(costs)]
     out: dict[str, float] = {}
-    progress.start("sensitivities", len(collected))
-    try:
-        for module, s in collected.items():
-            progress.advance(names[module])
-            try:
-                pair = whitening(s.second_moment)
-            except (ValueError, RuntimeError):
-                continue
-            value = layer_sensitivity(probe, model.get_submodule(module).weight, geometries[module], pair,
-                                      CALIBRATE_FRACTION, engine="auto", seed=layer_seed(0, names[module]),
-                                      device=device)
-            if value is not None:
-                out[names[module]] = value
-    finally:
-        progress.stop()
-    return out
+    with group.step():
+        probe = OutputProbe(lambda batch: model(**batch), first_samples(batches)) if mine else None
+        progress.start(_stage("sensitivities", group), len(mine))
+        try:
+            for module in mine:
+                progress.advance(names[module])
+                try:
+                    pair = whitening(collected[module].second_moment)
+                except (ValueError, RuntimeError):
+                    continue
+                value = layer_sensitivity(probe, model.get_submodule(module).weight, geometries[module], pair,
+                                          CALIBRATE_FRACTION, engine="auto", seed=layer_seed(0, names[module]),
+                                          device=device)
+                if value is not None:
+                    out[names[module]] = value
+        finally:
+            progress.stop()
+    return {name: value for part in group.gather(out) for name, value in part.items()}
+
+
+def _stage(what: str, group: Group) -> str:
+    return f"{what} (rank {group.rank} of {group.world})" if group.distributed else what
 
 
 def calibrate_folder(folder: str | Path, data: str | Path, stats: str | Path, *,
                      config: TextDataConfig = TextDataConfig(), device: str = "cpu", force: bool = False,
-                     progress: Progress | None = None, sensitivity: bool = True) -> dict[str, Any]:
+                     progress: Progress | None = None, sensitivity: bool = True) -> dict[str, Any] | None:
     """Run the folder's model on DATA and write each layer's input statistics to ``stats`` (and, with
     ``sensitivity``, each layer's measured effect on the model output: one more forward pass of the first
-    samples per layer)."""
-    from factorize_cli.calibration import _calibrated, save_activation_stats
+    samples per layer).
+
+    Launched by torchrun, each rank runs the model on a share of the batches; the shares' statistics are
+    summed over the ranks, rank 0 writes them and returns the summary, the other ranks return None."""
+    from factorize_cli import distributed
+    from factorize_cli.calibration import _calibrated, reduce_stats, save_activation_stats
     from factorize_cli.errors import InputError, describe
     from factorize_cli.hf import load_pretrained
     from factorize_cli.outputs import check_targets
@@ -135,30 +150,40 @@ def calibrate_folder(folder: str | Path, data: str | Path, stats: str | Path, *,
 
     folder, data, stats = Path(folder), Path(data), Path(stats)
     progress = progress or Silent()
-    check_targets({"statistics": stats}, [folder, data], force=force)
-    batches = text_batches(folder, data, config, device)
-    model = load_pretrained(folder, device=device)
-    names = {module: layer for module, layer in checkpoint_names(model, checkpoint_keys(folder)).items()
-             if _calibrated(model.get_submodule(module))}
-    if not names:
-        raise InputError(f"{folder}: no Linear, Conv1d, Conv2d or Conv1D layer of the model has its weight in the "
-                         "checkpoint")
-    progress.start("calibrating", len(batches))
-    try:
-        collected = collect_token_stats(model, _ticking(batches, progress), names)
-    except RuntimeError as e:
-        raise InputError(f"{folder}: running the model on {data} failed ({describe(e)})") from e
-    finally:
-        progress.stop()
+    group = distributed.current(device)
+    device = group.device(device)
+    with group.step():  # every rank reads everything: a failure on one (memory, a file) stops them all
+        check_targets({"statistics": stats}, [folder, data], force=force)
+        batches = text_batches(folder, data, config, device)
+        model = load_pretrained(folder, device=device)
+        names = {module: layer for module, layer in checkpoint_names(model, checkpoint_keys(folder)).items()
+                 if _calibrated(model.get_submodule(module))}
+        if not names:
+            raise InputError(f"{folder}: no Linear, Conv1d, Conv2d or Conv1D layer of the model has its weight in "
+                             "the checkpoint")
+    mine = [batches[i] for i in group.share([float(b["input_ids"].numel()) for b in batches])]
+    with group.step():
+        progress.start(_stage("calibrating", group), len(mine))
+        try:
+            collected = collect_token_stats(model, _ticking(mine, progress), names)
+        except RuntimeError as e:
+            raise InputError(f"{folder}: running the model on {data} failed ({describe(e)})") from e
+        finally:
+            progress.stop()
+    reduce_stats(collected, group)
     by_layer = {names[module]: s for module, s in collected.items() if s.count}
     samples = sum(int(b["input_ids"].shape[0]) for b in batches)
     meta = {"model": str(folder), "inputs": str(data), "batches": str(len(batches)), "samples": str(samples),
-            "seq_len": str(config.seq_len)}
+            "seq_len": str(config.seq_len), "processes": str(group.world)}
     if sensitivity:
         measured = _sensitivities(model, batches, {m: s for m, s in collected.items() if s.count}, names, device,
-                                  progress)
+                                  progress, group)
         meta.update({SENSITIVITY_KEY: json.dumps(dict(sorted(measured.items()))),
                      "sensitivity_fraction": str(CALIBRATE_FRACTION)})
-    save_activation_stats(by_layer, stats, meta)
+    with group.step():  # a refused write on rank 0 fails every rank, not only rank 0
+        if group.lead:
+            save_activation_stats(by_layer, stats, meta)
+    if not group.lead:
+        return None
     return {"stats": str(stats), "layers": {name: s.count for name, s in sorted(by_layer.items())},
-            "batches": len(batches), "samples": samples}
+            "batches": len(batches), "samples": samples, "processes": group.world}

@@ -66,10 +66,7 @@ def make_plan(checkpoint: Checkpoint, config: FactorizeConfig, *, spectra: bool,
 
 
 def _my_share(candidates: list, group: Group) -> list:
-    from factorize_cli.distributed import balanced
-
-    owners = balanced([c.geometry.cost for c in candidates], group.world)
-    return [c for c, owner in zip(candidates, owners) if owner == group.rank]
+    return [candidates[i] for i in group.share([c.geometry.cost for c in candidates])]
 
 
 def _shared(inspect: Any, mine: list, group: Group, progress: Progress, spectra: bool) -> Any:

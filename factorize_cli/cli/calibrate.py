@@ -19,6 +19,9 @@ Examples:
 
   factorize calibrate model.jit calls.pt stats.safetensors
 
+  torchrun --nproc-per-node 4 -m factorize_cli calibrate llama/ texts.jsonl stats.safetensors
+      (four processes, each running the model on its share of the batches; rank 0 writes the summed statistics)
+
 MODEL a Hugging Face folder (config.json, tokenizer, weights): DATA is text, tokenized with the folder's
 tokenizer: a text file (one sample per non-empty line), a .jsonl file (a "text" field per record) or a folder
 of .txt files. Statistics are keyed by the layer names of the folder's checkpoint, as apply reads them.
@@ -30,7 +33,8 @@ calls: a tensor (one call); a list of calls (one sequence, run in order); or {"s
 A call is a tensor, a tuple of positional arguments, or {"args": (...), "kwargs": {...}}; arguments are
 tensors, int, float, bool, str, None, or lists/tuples/dicts of them. --method NAME calls that method instead
 of forward (TorchScript); --reset METHOD runs METHOD() before each sequence. The same file works for
-apply --data, apply --verify and evaluate.
+apply --data, apply --verify and evaluate. Under torchrun a program's sequences are dealt out whole (a
+sequence may carry state): a file of one sequence runs on rank 0 alone.
 """
 
 @app.command(epilog=EPILOG)
@@ -57,10 +61,13 @@ def calibrate(
     """Run the model on data and record each layer's input second moment."""
     import sys
 
+    from factorize_cli import distributed
     from factorize_cli.cli.options import _device, entry
     from factorize_cli.errors import UsageError
     from factorize_cli.hf import is_model_folder
 
+    group = distributed.current(_device(device))  # joined first: under torchrun only rank 0 prints, errors too
+    quiet = quiet or not group.lead
     calls = entry(method, reset)
     if is_model_folder(model):
         if not calls.is_default:
@@ -76,8 +83,13 @@ def calibrate(
         from factorize_cli.graphs.calibrate import calibrate_checkpoint
 
         summary = calibrate_checkpoint(model, inputs, stats, entry=calls, device=_device(device), force=force)
+    if summary is None:  # a rank other than 0: rank 0 wrote the statistics and reports them
+        return
     if not quiet:
         rows = sum(summary["layers"].values())
+        ranks = f" on {group.world} processes" if group.distributed else ""
         print(f"wrote {summary['stats']}: {len(summary['layers'])} layers, {summary['batches']} batches, "
-              f"{rows} input rows", file=sys.stderr)
+              f"{rows} input rows{ranks}", file=sys.stderr)
+        if "note" in summary:
+            print(f"note: {summary['note']}", file=sys.stderr)
     print(json.dumps(summary))

@@ -172,6 +172,9 @@ class TorchScriptTaps(_Taps):
     def output(self, call: Call) -> Any:
         return self._call(call)[0]
 
+    def state(self) -> dict[str, torch.Tensor]:
+        return {name: b.detach().clone() for name, b in self.root.named_buffers()}
+
 
 def _tap(graph, node, index: int) -> None:
     """Before ``node``: ``inputs.append(x[:gate].clone()); calls.append(index)`` on the method's self."""
@@ -248,6 +251,9 @@ class ExportTaps(_Taps):
         except _RUN_ERRORS as e:
             raise self._failed(e) from e
 
+    def state(self) -> dict[str, torch.Tensor]:
+        return {name: b.detach().clone() for name, b in self.module.named_buffers()}
+
 
 class _Tap(torch.nn.Module):
     """Called with (layer, input) before each tapped layer call of a .pt2 module."""
@@ -287,31 +293,76 @@ def collect(taps: Any, calls: Calls) -> dict[str, ActivationStats]:
         if held[name] >= _BLOCK:
             flush(name)
 
+    before = taps.state() if calls.split and calls.entry.reset is None else None
     for call in calls:
         taps.run(call, list(taps.ops), add, early=False)
     for name in stats:
         flush(name)
+    if before is not None:
+        _check_independent(before, taps.state(), calls)
     return stats
 
 
+def _check_independent(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], calls: Calls) -> None:
+    """Refuse a share of the sequences when the program carries state from one sequence into the next: one
+    process runs each sequence from where the one before left the buffers (no --reset clears them), while a
+    rank starts its share from the program as loaded, so the statistics would differ with the process count."""
+    changed = [name for name, value in before.items() if not torch.equal(value, after[name])]
+    if changed:
+        from factorize_cli.errors import UsageError
+
+        raise UsageError(f"{calls.source}: the program keeps state in {', '.join(changed[:3])} and no --reset clears "
+                         "it between sequences, so each sequence starts where the one before ended and they cannot "
+                         "be dealt to several processes; give --reset METHOD (TorchScript) or calibrate in one "
+                         "process")
+
+
 def calibrate_checkpoint(model: str | Path, inputs: str | Path, stats: str | Path, *, entry: Entry = Entry(),
-                         device: str = "cpu", force: bool = False) -> dict[str, Any]:
+                         device: str = "cpu", force: bool = False) -> dict[str, Any] | None:
     """Run a TorchScript or .pt2 model on the calls of INPUTS (:mod:`~factorize_cli.graphs.calls`) and write
-    each candidate layer's statistics."""
-    from factorize_cli.calibration import save_activation_stats
+    each candidate layer's statistics.
+
+    Launched by torchrun, each rank runs whole sequences (a sequence's calls may carry state from one to
+    the next, so it is never split), dealt by number of calls; the statistics are summed over the ranks,
+    rank 0 writes them and returns the summary, the other ranks return None. A program whose state also
+    carries from one sequence into the next (no --reset) is refused: its shares would not add up to the
+    one-process run."""
+    from dataclasses import replace
+
+    from factorize_cli import distributed
+    from factorize_cli.calibration import reduce_stats, save_activation_stats
     from factorize_cli.errors import describe
     from factorize_cli.formats import open_checkpoint
     from factorize_cli.outputs import check_targets
 
     stats, model = Path(stats), Path(model)
-    check_targets({"statistics": stats}, [model, Path(inputs)], force=force)
-    calls = load_calls(inputs, entry, device)
-    with open_checkpoint(model) as checkpoint:
+    group = distributed.current(device)
+    device = group.device(device)
+    with group.step():  # every rank reads the whole file: a failure on one stops them all
+        check_targets({"statistics": stats}, [model, Path(inputs)], force=force)
+        calls = load_calls(inputs, entry, device)
+    owners = distributed.balanced([float(len(s)) for s in calls.sequences], group.world)
+    mine = replace(calls, sequences=tuple(s for s, owner in zip(calls.sequences, owners) if owner == group.rank),
+                   split=len(set(owners)) > 1)
+    with group.step(), open_checkpoint(model) as checkpoint:
         try:
-            collected = checkpoint.handler.calibrate(checkpoint, calls, device)
+            collected = checkpoint.handler.calibrate(checkpoint, mine, device)
         except RuntimeError as e:
             raise InputError(f"{model}: running the model on {inputs} failed ({describe(e)})") from e
-    save_activation_stats(collected, stats, {"model": str(model), "inputs": str(inputs),
-                                             "batches": str(len(calls)), "calls": calls.summary()})
-    return {"stats": str(stats), "layers": {name: s.count for name, s in sorted(collected.items())},
-            "batches": len(calls), "sequences": len(calls.sequences)}
+    reduce_stats(collected, group)
+    with group.step():  # a refused write on rank 0 fails every rank, not only rank 0
+        if group.lead:
+            save_activation_stats(collected, stats, {"model": str(model), "inputs": str(inputs),
+                                                     "batches": str(len(calls)), "calls": calls.summary(),
+                                                     "processes": str(group.world)})
+    if not group.lead:
+        return None
+    summary = {"stats": str(stats), "layers": {name: s.count for name, s in sorted(collected.items())},
+               "batches": len(calls), "sequences": len(calls.sequences), "processes": group.world}
+    if group.distributed:
+        summary["sequences_per_process"] = per = [owners.count(rank) for rank in range(group.world)]
+        if idle := [rank for rank, n in enumerate(per) if n == 0]:
+            summary["note"] = (f"{len(calls.sequences)} sequence(s) for {group.world} processes: rank(s) "
+                               f"{', '.join(map(str, idle))} ran none (a sequence's calls may carry state, so it "
+                               "stays whole on one rank)")
+    return summary

@@ -74,6 +74,7 @@ class Calls:
     source: str  # for messages
     sequences: tuple[tuple[Call, ...], ...]
     entry: Entry = Entry()
+    split: bool = False  # a share of the file's sequences: other processes of a torchrun launch run the rest
 
     def __iter__(self) -> Iterator[Call]:
         """Every call, in order; a sequence's first one has ``starts``."""
