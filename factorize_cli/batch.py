@@ -122,6 +122,10 @@ def materialized(source: str) -> Iterator[str]:
     if source != STDIN:
         yield source
         return
+    from factorize_cli.distributed import launched
+
+    if launched():  # each process would need the whole stream, and torchrun gives it to none of them
+        raise UsageError("'-' (stdin) cannot be read by the processes of a torchrun launch; give a path")
     if sys.stdin is None or sys.stdin.isatty():
         raise UsageError("'-' reads a checkpoint from stdin, but stdin is a terminal; pipe one in")
     folder = tempfile.mkdtemp(prefix="factorize-stdin-")
