@@ -14,6 +14,7 @@ leaving the others waiting. Collective calls time out after ``FACTORIZE_DIST_TIM
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, is_dataclass, replace
@@ -151,7 +152,7 @@ class Group:
         failure: BaseException | None = None
         try:
             yield
-        except (KeyboardInterrupt, GateError):
+        except (KeyboardInterrupt, GateError, Terminated):
             raise
         except BaseException as e:  # noqa: BLE001  (told to the other ranks, then raised again below)
             failure = e
@@ -216,7 +217,21 @@ def _join(device: str) -> Group:
         torch.cuda.set_device(local)
     timeout = datetime.timedelta(seconds=_timeout_s())
     dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world)
+    signal.signal(signal.SIGTERM, _terminated)
     return Group(rank, world, local, backend)
+
+
+class Terminated(BaseException):
+    """torchrun ended this process (SIGTERM), as it does to every rank when one of them fails or dies. Not
+    an Exception: nothing may go on (the next checkpoint of a batch, a collective with the others)."""
+
+    exit_code = 128 + 15
+    message = ("stopped: torchrun ended this process (SIGTERM), as it does when another rank fails or dies; "
+               "the finished layers are kept beside the output, rerun with --resume")
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 def follower() -> bool:

@@ -297,3 +297,37 @@ def test_apply_data_under_torchrun_plans_and_factorizes_as_one_process(tmp_path,
         original = load_pretrained(folder)(ids).logits
     assert float((x - y).norm() / x.norm()) < 1e-5
     assert float((x - original).norm() / original.norm()) > 1e-3  # the model was factorized
+
+
+def test_a_rank_that_dies_stops_the_others_with_a_clear_error_and_resume_finishes(tmp_path):
+    src = tmp_path / "big.safetensors"
+    save_file(model(12, 512, seed=2), src)
+    flags = [*FLAGS, "--svd", "exact"]
+    out = tmp_path / "out.safetensors"
+    started = subprocess.Popen([*TWO, "apply", src, out, *flags], env=env(1), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    layers = tmp_path / f".{out.name}.factorize-journal" / "layers"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(layers.glob("*.safetensors")) if layers.is_dir() else []) < 3:
+        time.sleep(0.02)
+    rank_1 = [pid for pid in descendants(started.pid) if _environ(pid).get("RANK") == "1"]
+    assert len(rank_1) == 1
+    os.kill(rank_1[0], signal.SIGKILL)  # one rank dies (out of memory, a lost node)
+    _, stderr = started.communicate(timeout=120)
+    assert started.returncode != 0
+    ours = [line for line in stderr.splitlines() if line.startswith("factorize: ")]
+    assert ours and ours[0].startswith("factorize: error: stopped: torchrun ended this process"), stderr
+    assert not out.exists()
+    resumed = run(ONE, "apply", src, out, *flags, "--resume", threads=2)  # one process finishes it
+    assert resumed.returncode == 0, resumed.stderr
+    reference = run(ONE, "apply", src, tmp_path / "ref.safetensors", *flags, threads=2)
+    assert reference.returncode == 0
+    assert out.read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)

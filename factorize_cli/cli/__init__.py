@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(args: list[str]) -> None:
+    from factorize_cli import distributed
     from factorize_cli.errors import FactorizeError, GateError
 
     debug = "--debug" in args
@@ -63,8 +64,6 @@ def _main(args: list[str]) -> None:
     except typer.Abort:
         _fail("aborted", 130)
     except GateError as e:  # one line per violation; the report has them too
-        from factorize_cli import distributed
-
         for violation in e.violations if not distributed.follower() else ():
             print(f"factorize: gate failed: {violation}", file=sys.stderr)
         sys.exit(e.exit_code)
@@ -74,6 +73,8 @@ def _main(args: list[str]) -> None:
         _fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+    except distributed.Terminated as e:
+        _fail(e.message, e.exit_code)
     except MemoryError:
         _fail("out of memory", 2)
     except OSError as e:
