@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, is_dataclass, replace
@@ -74,6 +75,8 @@ class Group:
     world: int = 1
     local_rank: int = 0
     backend: str | None = None
+    objects: Any = None  # the group objects travel in: a gloo group beside NCCL (a CUDA fault cannot block it)
+    owned: bool = True  # joined here (and left at exit), not a group the caller's program set up
 
     @property
     def lead(self) -> bool:
@@ -95,7 +98,7 @@ class Group:
         import torch.distributed as dist
 
         out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, value)
+        dist.all_gather_object(out, value, group=self.objects)
         return out
 
     def broadcast(self, value: Any) -> Any:
@@ -105,7 +108,7 @@ class Group:
         import torch.distributed as dist
 
         box = [value if self.lead else None]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self.objects)
         return box[0]
 
     def all_reduce_(self, tensor: Any) -> Any:
@@ -158,11 +161,14 @@ class Group:
             failure = e
         verdicts = self.gather(None if failure is None else _verdict(failure))
         if failure is not None:
+            failure.factorize_shared = True  # type: ignore[attr-defined]  (every rank raised at this step)
             raise failure
         failed = [(rank, v) for rank, v in enumerate(verdicts) if v is not None]
         if failed:
             rank, (code, message) = failed[0]
-            raise PeerFailed(f"rank {rank}: {message}", code)
+            peer = PeerFailed(f"rank {rank}: {message}", code)
+            peer.factorize_shared = True  # type: ignore[attr-defined]
+            raise peer
 
 
 def _on_cpu(value: Any) -> Any:
@@ -212,13 +218,19 @@ def _join(device: str) -> Group:
         local = int(os.environ.get("LOCAL_RANK", "0"))
     except (KeyError, ValueError) as e:
         raise UsageError(f"torchrun's environment is incomplete ({e}); launch with torchrun") from None
+    timeout = datetime.timedelta(seconds=_timeout_s())
+    if dist.is_initialized():  # the caller's program (a torchrun script calling our API) set it up: use it
+        backend = dist.get_backend()
+        objects = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+        return Group(dist.get_rank(), dist.get_world_size(), local, backend, objects, owned=False)
     backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local)
-    timeout = datetime.timedelta(seconds=_timeout_s())
     dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world)
-    signal.signal(signal.SIGTERM, _terminated)
-    return Group(rank, world, local, backend)
+    objects = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
+    return Group(rank, world, local, backend, objects)
 
 
 class Terminated(BaseException):
@@ -234,6 +246,13 @@ def _terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def known_to_all(error: BaseException) -> bool:
+    """Whether every rank raised ``error`` at the same point (at a :meth:`Group.step`), so that they can go
+    on together (to a batch's next checkpoint); always in one process. An error one rank met alone ends
+    the run: the others cannot know where it left off."""
+    return _current is None or not _current.distributed or getattr(error, "factorize_shared", False)
+
+
 def follower() -> bool:
     """Whether this process is a rank other than 0 of a joined group (it prints nothing)."""
     return _current is not None and not _current.lead
@@ -242,7 +261,7 @@ def follower() -> bool:
 def close() -> None:
     """Leave the process group (at exit), so torch does not warn about a group left open."""
     global _current
-    if _current is not None and _current.distributed:
+    if _current is not None and _current.distributed and _current.owned:
         import torch.distributed as dist
 
         if dist.is_initialized():

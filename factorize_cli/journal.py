@@ -54,8 +54,11 @@ def identity(source: Path, config: FactorizeConfig) -> dict[str, Any]:
     """What the factors of a run depend on beyond each layer's rank and geometry."""
     from factorize_cli import __version__
 
+    import torch
+
     calibration = _files(Path(config.calibration)) if config.calibration else None
-    return {"format": FORMAT, "factorize": __version__, "input": os.path.abspath(source), "files": _files(source),
+    return {"format": FORMAT, "factorize": __version__, "torch": torch.__version__,
+            "input": os.path.abspath(source), "files": _files(source),
             "svd": config.svd, "seed": config.seed, "device": config.device.split(":")[0],
             "calibration": calibration}
 
@@ -75,6 +78,7 @@ class Journal:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.threads: int | None = None  # math threads per layer of the layers this process computes
 
     @classmethod
     def open(cls, output: Path, source: Path, config: FactorizeConfig, *, resume: bool, create: bool) -> Journal:
@@ -122,8 +126,9 @@ class Journal:
             f = SafetensorsFile(entry)
         except InputError:
             return False  # a damaged entry is computed again
-        try:
-            return json.loads(f.metadata.get("layer", "null")) == _key(layer)
+        try:  # computed on another number of math threads: other bytes (BLAS), so computed again
+            return json.loads(f.metadata.get("layer", "null")) == _key(layer) and \
+                (self.threads is None or f.metadata.get("threads") == str(self.threads))
         finally:
             f.close()
 
@@ -141,7 +146,8 @@ class Journal:
         entry = self._entry(layer)
         tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
         write_safetensors(tmp, layout, (t.detach().cpu().contiguous() for t in tensors.values()),
-                          {"layer": json.dumps(_key(layer)), "result": json.dumps(numbers)})
+                          {"layer": json.dumps(_key(layer)), "result": json.dumps(numbers),
+                           "threads": str(self.threads)})
         _fsync_file(tmp)
         os.replace(tmp, entry)
 

@@ -124,20 +124,21 @@ def execute(checkpoint: Checkpoint, layout: list[Placed], work: LayerWork) -> It
 
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)  # worker threads inherit it: one math thread per core, no oversubscription
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="factorize-math")
+    finished = False
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="factorize-math") as pool:
-            try:
-                for item in _staged(layout, reads, pool, work):
-                    window.append(item)
-                    while pending() >= workers:
-                        yield front()
-                while window:
-                    yield front()
-            finally:
-                for _, value in window:
-                    if isinstance(value, Future):
-                        value.cancel()
+        for item in _staged(layout, reads, pool, work):
+            window.append(item)
+            while pending() >= workers:
+                yield front()
+        while window:
+            yield front()
+        finished = True
     finally:
+        # Abandoned (an error, a NaN weight): no waiting for a running layer, which may be during a garbage
+        # collection that must not join threads (see formats.base.prefetch); it finishes on its own.
+        reads.close()
+        pool.shutdown(wait=finished, cancel_futures=True)
         torch.set_num_threads(saved)
 
 

@@ -273,7 +273,7 @@ class Calibration:
     def _probe(self) -> list[Group]:
         """Call order and shared inputs, from one run on the first batch."""
         missing = object()
-        first = next(iter(self.data), missing)
+        first = next(iter(self.everything), missing)  # the same batch on every rank: the same groups
         if first is missing:
             raise UsageError("data= holds no batches")
         calls = self.calls
@@ -389,12 +389,13 @@ class Calibration:
         if not self.group.distributed:
             return sums
         fan_in = self.geometries[leader].fan_in
-        zeros = torch.zeros(fan_in, fan_in, dtype=torch.float64)
+        device = f"cuda:{self.group.local_rank}" if self.group.backend == "nccl" else "cpu"  # where the others' are
+        zeros = torch.zeros(fan_in, fan_in, dtype=torch.float64, device=device)
         moment = sums.moment if sums.moment is not None else zeros
         cross = sums.cross if sums.cross is not None else zeros.clone()
         names = sorted(weights)
         energy = torch.stack([sums.energy[n] for n in names]) if sums.energy is not None and names else \
-            torch.zeros(len(names), dtype=torch.float64)
+            torch.zeros(len(names), dtype=torch.float64, device=device)
         count = torch.tensor([sums.count], dtype=torch.int64)
         for tensor in (moment, cross, count, *([energy] if names else [])):
             self.group.all_reduce_(tensor)

@@ -76,6 +76,7 @@ def factorize_into(checkpoint: Checkpoint, layers: list[LayerPlan], work: LayerW
                 for _, future in pending:
                     future.cancel()
     finally:
+        weights.close()
         torch.set_num_threads(saved)
     return bad
 
@@ -104,6 +105,7 @@ class SharedApply(ApplyRun):
         group, journal = self.group, self.journal
         assert journal is not None
         mine = shares(list(plan.to_factorize), group.world)[group.rank]
+        journal.threads = _threads_per_layer(work)
         with group.step():
             todo = [layer for layer in mine if not journal.done(layer)]
             if group.lead:

@@ -70,7 +70,7 @@ def _main(args: list[str]) -> None:
     except FactorizeError as e:
         if debug:
             raise
-        _fail(str(e), e.exit_code)
+        _fail(str(e), e.exit_code, alone=not distributed.known_to_all(e))
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except distributed.Terminated as e:
@@ -81,7 +81,7 @@ def _main(args: list[str]) -> None:
         if debug:
             raise
         where = f"{e.filename}: " if e.filename else ""
-        _fail(f"{where}{e.strerror or e}", 2)
+        _fail(f"{where}{e.strerror or e}", 2, alone=not distributed.known_to_all(e))
     except Exception as e:
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # Typer/Click usage errors
             if type(e).__name__ == "NoArgsIsHelpError":
@@ -92,13 +92,17 @@ def _main(args: list[str]) -> None:
             _fail(e.format_message() + hint.replace("factorize factorize", "factorize"), e.exit_code)
         if debug:
             raise
-        _fail(f"internal error: {type(e).__name__}: {e}; rerun with --debug for the traceback", 3)
+        _fail(f"internal error: {type(e).__name__}: {e}; rerun with --debug for the traceback", 3,
+              alone=not distributed.known_to_all(e))
     sys.exit(code if isinstance(code, int) else 0)
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int, *, alone: bool = False) -> None:
+    """Print the one-line error and exit. Under torchrun rank 0 speaks for every rank, except for an
+    error a rank met ``alone`` (outside the stages the ranks share), which only that rank knows."""
     from factorize_cli import distributed
 
-    if not distributed.follower():  # under torchrun rank 0 speaks for every rank
-        print(f"factorize: error: {' '.join(str(message).split())}", file=sys.stderr)
+    if alone or not distributed.follower():
+        rank = f"rank {distributed.current().rank}: " if alone and distributed.follower() else ""
+        print(f"factorize: error: {rank}{' '.join(str(message).split())}", file=sys.stderr)
     sys.exit(code)

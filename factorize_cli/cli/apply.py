@@ -99,6 +99,9 @@ def apply(
     calls = entry(method, reset)
     if not calls.is_default and not verify and data is None:
         raise UsageError("--method and --reset say how to run the calls of --verify FILE or --data FILE; give one")
+    if resume and "-" in inputs:
+        raise UsageError("--resume continues from a journal of the same input, and stdin is read afresh each "
+                         "time: give a path")
     jobs = apply_jobs(inputs, Path(output), tuple(globs or DEFAULT_GLOBS))
     _single_only(len(jobs), json_out=json_out, report=report, html=html)
 

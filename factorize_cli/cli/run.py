@@ -19,7 +19,8 @@ def run_jobs(jobs: list[Job], work: Callable[[Job], dict[str, Any]], *, quiet: b
     """Run ``work`` on each job, keep going after any failure, and return the worst exit code.
 
     Every failure of one checkpoint (ours, the system's such as a full disk, or a bug) becomes
-    that checkpoint's error line and status; only an interrupt (Ctrl-C: exit 130) stops the batch.
+    that checkpoint's error line and status; only an interrupt (Ctrl-C: exit 130) stops the batch,
+    and under torchrun a failure one rank met alone (the ranks could not go on in step).
 
     Humans get the table (unless ``quiet``) and one error line per failure on stderr; machines
     get the report (``json_out``, one input) or one JSON object per input (``jsonl``) on stdout.
@@ -36,19 +37,14 @@ def run_jobs(jobs: list[Job], work: Callable[[Job], dict[str, Any]], *, quiet: b
         try:
             report = work(job)
             status = OK
-        except GateError as e:
+        except GateError as e:  # rank 0's alone at commit, after the ranks' last exchange; else every rank's
             report, status = e.report, GATE_FAILED
             for violation in e.violations if not distributed.follower() else ():  # joined by work()
                 print(f"factorize: gate failed: {job.source}: {violation}", file=sys.stderr)
-        except FactorizeError as e:
-            status, error = FAILED if e.exit_code < 3 else INTERNAL, str(e)
-        except OSError as e:
-            where = f"{e.filename}: " if e.filename else ""
-            status, error = FAILED, f"{where}{e.strerror or e}"
-        except Exception as e:  # a bug or a library failure: this checkpoint fails, the batch goes on
-            if debug:
+        except Exception as e:
+            if not distributed.known_to_all(e):  # under torchrun, one rank's own failure ends the run
                 raise
-            status, error = INTERNAL, f"internal error: {type(e).__name__}: {e}; rerun with --debug for the traceback"
+            status, error = _failure(e, debug)
         counts[status] += 1
         if distributed.follower():  # under torchrun rank 0 prints; the other ranks' failures reach it
             continue
@@ -66,6 +62,18 @@ def run_jobs(jobs: list[Job], work: Callable[[Job], dict[str, Any]], *, quiet: b
         print(f"factorize: {len(jobs)} checkpoints: {counts[OK]} done, {counts[GATE_FAILED]} failed a gate, "
               f"{counts[FAILED] + counts[INTERNAL]} failed", file=sys.stderr)
     return max((EXIT[s] for s, n in counts.items() if n), default=0)
+
+
+def _failure(e: Exception, debug: bool) -> tuple[str, str]:
+    """A checkpoint's failure: its status and one-line error (a bug re-raised with --debug)."""
+    if isinstance(e, FactorizeError):
+        return FAILED if e.exit_code < 3 else INTERNAL, str(e)
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        return FAILED, f"{where}{e.strerror or e}"
+    if debug:
+        raise e
+    return INTERNAL, f"internal error: {type(e).__name__}: {e}; rerun with --debug for the traceback"
 
 
 def _debug() -> bool:

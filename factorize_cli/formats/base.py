@@ -144,8 +144,14 @@ class Format(Protocol):
 
 
 def prefetch(checkpoint: Checkpoint, keys: Iterator[str], depth: int = 2) -> Iterator[torch.Tensor]:
-    """Read tensors ahead on a background thread while the caller computes (reads release the GIL)."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="factorize-read") as pool:
+    """Read tensors ahead on a background thread while the caller computes (reads release the GIL).
+
+    A caller that stops early (an error, a NaN weight) should ``close()`` the generator; one left to the
+    garbage collector must not wait for the reader thread there: a collection that runs while a new
+    thread is starting holds the lock ``Thread.join`` needs (CPython), and a ``with`` block's shutdown
+    would wait forever (seen in CI: the test run hung). So the pool is shut down without waiting."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="factorize-read")
+    try:
         pending: collections.deque = collections.deque()
         for key in keys:
             pending.append(pool.submit(checkpoint.get, key))
@@ -153,3 +159,5 @@ def prefetch(checkpoint: Checkpoint, keys: Iterator[str], depth: int = 2) -> Ite
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
