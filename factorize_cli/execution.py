@@ -11,11 +11,11 @@ import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from factorize_cli.config import FactorizeConfig
 from factorize_cli.formats.base import Checkpoint, prefetch
-from factorize_cli.planning import Inspector, LayerPlan
+from factorize_cli.planning import LayerPlan
 from factorize_cli.progress import Progress, Silent
 from factorize_cli.report import LayerResult
 from factorize_cli.selection import SkipReason
@@ -119,41 +119,71 @@ class GivenWork:
 NON_FINITE = "weight holds NaN or Inf values"
 
 
-def inspector(checkpoint: Checkpoint, config: FactorizeConfig, whitener: Whitener, keys: list[str], *,
-              spectra: bool, progress: Progress, read_weights: bool = True,
-              non_finite: frozenset[str] = frozenset()) -> Inspector:
-    """Look at each layer still in the running (their weights, ``keys``, are read ahead in this order
-    when ``spectra`` or ``read_weights``): refuse non-finite weights (and the layers in ``non_finite``,
-    found so by an earlier read), note whether activation statistics cover it, and read its spectrum
-    (of ``W S`` when whitened) if asked."""
-    from factorize_cli.factorization import all_finite, choose_engine, singular_values
+def looker(config: FactorizeConfig, whitener: Whitener, *, spectra: bool,
+           non_finite: frozenset[str] = frozenset()) -> Callable[[LayerPlan, Any], LayerPlan]:
+    """``look(layer, weight)`` for a layer still in the running (``weight`` None when only headers are
+    read): refuse non-finite weights (and the layers in ``non_finite``, found so by an earlier read), note
+    whether activation statistics cover it, and read its spectrum (of ``W S`` when whitened) if asked."""
+    def look(layer: LayerPlan, weight: Any) -> LayerPlan:
+        from factorize_cli.factorization import all_finite, choose_engine, singular_values  # torch: not for headers
 
-    weights = prefetch(checkpoint, iter(keys)) if spectra or read_weights else None
+        if weight is not None and tuple(weight.shape) != layer.candidate.weight.shape:
+            raise RuntimeError(f"internal error: read-ahead out of step at {layer.name}")
+        if layer.name in non_finite or (weight is not None and not all_finite(weight)):
+            return layer.skipped(SkipReason.NON_FINITE, NON_FINITE)
+        if whitener.active:
+            why_not = whitener.why_not(layer)
+            layer = replace(layer, calibrated=why_not is None, detail=why_not or "",
+                            sensitivity=whitener.sensitivity(layer.name) if why_not is None else None)
+        if not spectra:
+            return layer
+        engine = config.svd if config.svd in ("exact", "gram") else choose_engine(layer.geometry)
+        if layer.calibrated:
+            whitened = whitener.spectrum(weight, layer, engine=engine, device=config.device)
+            if not isinstance(whitened, str):
+                return replace(layer, spectrum=whitened)
+            layer = replace(layer, calibrated=False, detail=whitened)
+        return replace(layer, spectrum=singular_values(weight, layer.geometry, engine=engine, device=config.device))
 
-    def inspect(layer: LayerPlan) -> LayerPlan:
-        weight = next(weights) if weights is not None else None
-        try:
-            if weight is not None and tuple(weight.shape) != layer.candidate.weight.shape:
-                raise RuntimeError(f"internal error: read-ahead out of step at {layer.name}")
-            if layer.name in non_finite or (weight is not None and not all_finite(weight)):
-                return layer.skipped(SkipReason.NON_FINITE, NON_FINITE)
-            if whitener.active:
-                why_not = whitener.why_not(layer)
-                layer = replace(layer, calibrated=why_not is None, detail=why_not or "",
-                                sensitivity=whitener.sensitivity(layer.name) if why_not is None else None)
-            if not spectra:
-                return layer
-            engine = config.svd if config.svd in ("exact", "gram") else choose_engine(layer.geometry)
-            if layer.calibrated:
-                whitened = whitener.spectrum(weight, layer, engine=engine, device=config.device)
-                if not isinstance(whitened, str):
-                    return replace(layer, spectrum=whitened)
-                layer = replace(layer, calibrated=False, detail=whitened)
-            return replace(layer, spectrum=singular_values(weight, layer.geometry, engine=engine,
-                                                           device=config.device))
-        finally:
-            progress.advance(layer.name)
+    return look
 
-    return inspect
+
+def inspect_all(checkpoint: Checkpoint, layers: list[LayerPlan], look: Callable[[LayerPlan, Any], LayerPlan],
+                work: LayerWork, progress: Progress) -> dict[str, LayerPlan]:
+    """``look(layer, weight)`` for each layer, its weight read ahead in order, as many layers at a time and on
+    as many math threads each as factorizing uses (``rewrite.split_cores``): spectra then do not depend on
+    how many processes share the planning, and two cores plan two layers at a time."""
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from factorize_cli.rewrite import split_cores
+
+    workers, threads = split_cores(work)
+    weights = prefetch(checkpoint, (layer.candidate.weight.key for layer in layers))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="factorize-inspect")
+    pending: collections.deque = collections.deque()
+    found: dict[str, LayerPlan] = {}
+
+    def finish() -> None:
+        layer, future = pending.popleft()
+        found[layer.name] = future.result()
+        progress.advance(layer.name)
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for layer in layers:
+            pending.append((layer, pool.submit(look, layer, next(weights))))
+            if len(pending) >= workers:
+                finish()
+        while pending:
+            finish()
+    finally:
+        weights.close()
+        pool.shutdown(wait=False, cancel_futures=True)  # see formats.base.prefetch: never a join in cleanup
+        torch.set_num_threads(saved)
+    return found
 
 

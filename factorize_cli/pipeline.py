@@ -19,11 +19,11 @@ from factorize_cli.config import FactorizeConfig
 from factorize_cli.devices import check_device
 from factorize_cli.distributed import SOLO, Group
 from factorize_cli.errors import GateError, InputError, UsageError
-from factorize_cli.execution import LayerWork, NonFiniteWeight, inspector
+from factorize_cli.execution import LayerWork, NonFiniteWeight, inspect_all, looker
 from factorize_cli.formats import open_checkpoint
 from factorize_cli.formats.base import Checkpoint
 from factorize_cli.outputs import RANKS_METADATA_KEY, check_targets, default_report_path
-from factorize_cli.planning import Plan, build_plan
+from factorize_cli.planning import Action, LayerPlan, Plan, build_plan
 from factorize_cli.progress import Progress, Silent
 from factorize_cli.report import build_report, raise_for_gates, write_reports
 from factorize_cli.selection import screen
@@ -46,39 +46,30 @@ def make_plan(checkpoint: Checkpoint, config: FactorizeConfig, *, spectra: bool,
     whitener = whitener or Whitener(config.calibration)
     try:
         inspected = [c for c in candidates if screen(c, config.selection).reason is None]
-        if group.distributed and (spectra or read_weights):
-            inspected = _my_share(inspected, group)
-        if spectra:
-            whitener.begin_planning(c.name for c in inspected)
-        inspect = inspector(checkpoint, config, whitener, [c.weight.key for c in inspected], spectra=spectra,
-                            progress=progress, read_weights=read_weights, non_finite=non_finite) \
-            if spectra or read_weights or whitener.active or non_finite else None
-        if group.distributed and (spectra or read_weights):
-            inspect = _shared(inspect, inspected, group, progress, spectra)
-        else:
-            progress.start("spectra" if spectra else "checking weights", len(candidates) if inspect else 0)
+        look = looker(config, whitener, spectra=spectra, non_finite=non_finite)
+        inspect = None
+        if spectra or read_weights:  # weights are read: each layer on the threads factorizing would give it
+            mine = [LayerPlan(c, Action.FACTORIZE, None) for c in inspected]
+            if group.distributed:
+                mine = [mine[i] for i in group.share([layer.geometry.cost for layer in mine])]
+            if spectra:
+                whitener.begin_planning(layer.name for layer in mine)
+            share = f" (rank 0 of {group.world})" if group.distributed else ""
+            progress.start(("spectra" if spectra else "checking weights") + share, len(mine))
+            with group.step():
+                found = inspect_all(checkpoint, mine, look, LayerWork(config, whitener), progress)
+            progress.stop()
+            every = {name: layer for part in group.gather(found) for name, layer in part.items()} \
+                if group.distributed else found
+            inspect = lambda layer: every[layer.name]  # noqa: E731
+        elif whitener.active or non_finite:
+            inspect = lambda layer: look(layer, None)  # noqa: E731
         return build_plan(candidates, config, source=checkpoint.path, fmt=checkpoint.format, inspect=inspect,
                           notes=notes)
     finally:
         progress.stop()
         if own:
             whitener.close()
-
-
-def _my_share(candidates: list, group: Group) -> list:
-    return [candidates[i] for i in group.share([c.geometry.cost for c in candidates])]
-
-
-def _shared(inspect: Any, mine: list, group: Group, progress: Progress, spectra: bool) -> Any:
-    """Inspect this rank's layers, exchange them, and look every layer up in what the ranks found."""
-    from factorize_cli.planning import Action, LayerPlan
-
-    progress.start(f"spectra (rank 0 of {group.world})" if spectra else "checking weights", len(mine))
-    with group.step():
-        found = {c.name: inspect(LayerPlan(c, Action.FACTORIZE, None)) for c in mine}
-    progress.stop()
-    every = {name: layer for share in group.gather(found) for name, layer in share.items()}
-    return lambda layer: every[layer.name]
 
 
 def rank_map(plan: Plan) -> dict[str, int]:

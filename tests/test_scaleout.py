@@ -231,8 +231,9 @@ def test_plan_under_torchrun_reads_each_share_once_and_rank_0_prints_the_plan(tm
     a, b = json.loads(one.stdout), json.loads(two.stdout)  # one JSON document: only rank 0 prints
     assert [layer["rank"] for layer in a["layers"]] == [layer["rank"] for layer in b["layers"]]
     assert all(layer["rank"] < 384 for layer in b["layers"])  # the energy policy read every spectrum
-    # the spectra come from one math thread per layer on the ranks, two in the one process: float32 rounding
-    assert b["totals"]["predicted_error"] == pytest.approx(a["totals"]["predicted_error"], rel=1e-6)
+    # every spectrum computed on one math thread per layer either way: the same predictions to the last bit
+    assert [layer["predicted_error"] for layer in a["layers"]] == [layer["predicted_error"] for layer in b["layers"]]
+    assert b["totals"]["predicted_error"] == a["totals"]["predicted_error"]
 
 
 def test_shards_cut_anywhere_hold_what_the_whole_layout_holds(tmp_path):
