@@ -419,7 +419,7 @@ def _execute(plan: Plan, subject: Subject, config: FactorizeConfig, calibration:
         matrices = {n: as_matrix(weights[n], layers[n].geometry).to(torch.float64) for n in members.names}
         paired = calibration.paired(members, swaps, matrices)
         del matrices
-        finish({name: lambda name=name: compensated(layers[name], paired) for name in members.names})
+        finish({name: lambda name=name, paired=paired: compensated(layers[name], paired) for name in members.names})
         del paired
     return results, methods
 

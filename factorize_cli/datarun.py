@@ -82,7 +82,7 @@ class HfFolder:
         from factorize_cli.distributed import SOLO
         from factorize_cli.hf import load_pretrained
         from factorize_cli.runs import Swaps
-        from factorize_cli.textdata import text_batches
+        from factorize_cli.textdata import my_batches, text_batches
 
         if entry is not None and not entry.is_default:
             raise UsageError("--method and --reset are for TorchScript and .pt2 programs, not model folders")
@@ -90,7 +90,7 @@ class HfFolder:
         batches = text_batches(self.source, data, text, device=config.device)
         names = _checkpoint_names(model, checkpoint, config)
         group = group or SOLO
-        mine = share(batches, [float(b["input_ids"].shape[0]) for b in batches], group, f"{data}: the text's batches")
+        mine = my_batches(batches, group)  # a rank may get none: the sums still add up, probes use all
         run = run_live(model, config, mine, Swaps(model), sequential=sequential, progress=progress, group=group,
                        everything=batches)
         plan = _carried(run.plan, checkpoint, config, names)
@@ -101,14 +101,6 @@ class HfFolder:
                 factors[file_name] = Factors(pair.module0.weight.detach(), pair.module1.weight.detach())
         return Ran(plan, factors, {names[n]: r for n, r in run.results.items() if n in names},
                    {names[n]: m.value for n, m in run.methods.items() if n in names}, run.notes)
-
-
-def share(items: list, costs: list[float], group: Any, what: str) -> list:
-    """This rank's share of ``items`` (dealt by cost, in order); every rank needs at least one."""
-    if group.distributed and len(items) < group.world:
-        raise UsageError(f"{what}: {len(items)} for {group.world} processes; each process needs one (more samples, "
-                         "a smaller --batch-size, or fewer processes)")
-    return [items[i] for i in group.share(costs)]
 
 
 def _checkpoint_names(model: Any, checkpoint: Checkpoint, config: Any) -> dict[str, str]:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any
 
-from factorize_cli.errors import FactorizeError, GateError, UsageError
+from factorize_cli.errors import FactorizeError, GateError, UsageError, verdict
 
 TIMEOUT_ENV = "FACTORIZE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0
@@ -53,18 +53,6 @@ def _timeout_s() -> float:
     if not value > 0:
         raise UsageError(f"{TIMEOUT_ENV}={text!r}: the timeout must be positive")
     return value
-
-
-def _verdict(e: BaseException) -> tuple[int, str]:
-    """(exit code, one-line message) of a failure, as the CLI would print it."""
-    if isinstance(e, FactorizeError):
-        return e.exit_code, str(e)
-    if isinstance(e, OSError):
-        where = f"{e.filename}: " if e.filename else ""
-        return 2, f"{where}{e.strerror or e}"
-    if isinstance(e, MemoryError):
-        return 2, "out of memory"
-    return 3, f"internal error: {type(e).__name__}: {e}"
 
 
 @dataclass(frozen=True)
@@ -159,7 +147,7 @@ class Group:
             raise
         except BaseException as e:  # noqa: BLE001  (told to the other ranks, then raised again below)
             failure = e
-        verdicts = self.gather(None if failure is None else _verdict(failure))
+        verdicts = self.gather(None if failure is None else verdict(failure))
         if failure is not None:
             failure.factorize_shared = True  # type: ignore[attr-defined]  (every rank raised at this step)
             raise failure

@@ -44,3 +44,15 @@ def describe(e: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message, for embedding in a one-line error."""
     lines = str(e).strip().splitlines()
     return (lines[0] if lines else type(e).__name__)[:limit]
+
+
+def verdict(e: BaseException) -> tuple[int, str]:
+    """The exit code and one-line message of a failure that is not a gate's, as the CLI reports it (a
+    checkpoint of a batch, another rank's failure under torchrun)."""
+    if isinstance(e, FactorizeError):
+        return e.exit_code, str(e)
+    if isinstance(e, OSError):
+        return 2, (f"{e.filename}: " if e.filename else "") + f"{e.strerror or e}"
+    if isinstance(e, MemoryError):
+        return 2, "out of memory"
+    return 3, f"internal error: {type(e).__name__}: {e}; rerun with --debug for the traceback"

@@ -7,9 +7,12 @@ engine and device, with a per-layer seed, and the numbers the report needs.
 
 from __future__ import annotations
 
+import collections
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -148,42 +151,54 @@ def looker(config: FactorizeConfig, whitener: Whitener, *, spectra: bool,
     return look
 
 
-def inspect_all(checkpoint: Checkpoint, layers: list[LayerPlan], look: Callable[[LayerPlan, Any], LayerPlan],
-                work: LayerWork, progress: Progress) -> dict[str, LayerPlan]:
-    """``look(layer, weight)`` for each layer, its weight read ahead in order, as many layers at a time and on
-    as many math threads each as factorizing uses (``rewrite.split_cores``): spectra then do not depend on
-    how many processes share the planning, and two cores plan two layers at a time."""
-    import collections
-    from concurrent.futures import ThreadPoolExecutor
-
+def split_cores(work: Any) -> tuple[int, int]:
+    """(layers factorized at once, math threads each): two layers on CPUs with two or more cores; one
+    when whitening (the whitener holds one float64 pair in memory at a time; two workers measured slower,
+    waiting on each other's whitening), on an accelerator, or for work that computes nothing (factors given
+    by a live run)."""
     import torch
 
-    from factorize_cli.rewrite import split_cores
+    threads = torch.get_num_threads()
+    config, whitener = getattr(work, "config", None), getattr(work, "whitener", None)
+    if config is None or config.device != "cpu" or threads < 2 or (whitener is not None and whitener.active):
+        return 1, threads
+    return 2, threads // 2
+
+
+def each_layer(checkpoint: Checkpoint, layers: list[LayerPlan], fn: Callable[[LayerPlan, Any], Any],
+               work: Any) -> Iterator[tuple[LayerPlan, Future]]:
+    """``(layer, future of fn(layer, weight))`` in order, each weight read ahead, as many layers at a time and
+    on as many math threads each as factorizing uses (:func:`split_cores`): results then do not depend on
+    how many processes share the layers. Closed early, it joins no thread (see formats.base.prefetch)."""
+    import torch
 
     workers, threads = split_cores(work)
     weights = prefetch(checkpoint, (layer.candidate.weight.key for layer in layers))
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="factorize-inspect")
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="factorize-math")
     pending: collections.deque = collections.deque()
-    found: dict[str, LayerPlan] = {}
-
-    def finish() -> None:
-        layer, future = pending.popleft()
-        found[layer.name] = future.result()
-        progress.advance(layer.name)
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    saved, finished = torch.get_num_threads(), False
+    torch.set_num_threads(threads)  # worker threads inherit it
     try:
         for layer in layers:
-            pending.append((layer, pool.submit(look, layer, next(weights))))
+            pending.append((layer, pool.submit(fn, layer, next(weights))))
             if len(pending) >= workers:
-                finish()
+                yield pending.popleft()
         while pending:
-            finish()
+            yield pending.popleft()
+        finished = True
     finally:
         weights.close()
-        pool.shutdown(wait=False, cancel_futures=True)  # see formats.base.prefetch: never a join in cleanup
+        pool.shutdown(wait=finished, cancel_futures=True)
         torch.set_num_threads(saved)
+
+
+def inspect_all(checkpoint: Checkpoint, layers: list[LayerPlan], look: Callable[[LayerPlan, Any], LayerPlan],
+                work: LayerWork, progress: Progress) -> dict[str, LayerPlan]:
+    """``look(layer, weight)`` for each layer (:func:`each_layer`): spectra computed as factorizing would
+    compute them, two layers at a time on two cores."""
+    found: dict[str, LayerPlan] = {}
+    with closing(each_layer(checkpoint, layers, look, work)) as looked:
+        for layer, future in looked:
+            found[layer.name] = future.result()
+            progress.advance(layer.name)
     return found
-
-

@@ -146,7 +146,7 @@ def calibrate_folder(folder: str | Path, data: str | Path, stats: str | Path, *,
     from factorize_cli.errors import InputError, describe
     from factorize_cli.hf import load_pretrained
     from factorize_cli.outputs import check_targets
-    from factorize_cli.textdata import text_batches
+    from factorize_cli.textdata import my_batches, text_batches
 
     folder, data, stats = Path(folder), Path(data), Path(stats)
     progress = progress or Silent()
@@ -161,7 +161,7 @@ def calibrate_folder(folder: str | Path, data: str | Path, stats: str | Path, *,
         if not names:
             raise InputError(f"{folder}: no Linear, Conv1d, Conv2d or Conv1D layer of the model has its weight in "
                              "the checkpoint")
-    mine = [batches[i] for i in group.share([float(b["input_ids"].numel()) for b in batches])]
+    mine = my_batches(batches, group)
     with group.step():
         progress.start(_stage("calibrating", group), len(mine))
         try:

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,14 +80,12 @@ class Journal:
         self.threads: int | None = None  # math threads per layer of the layers this process computes
 
     @classmethod
-    def open(cls, output: Path, source: Path, config: FactorizeConfig, *, resume: bool, create: bool) -> Journal:
-        """The journal beside ``output``: continued with ``resume`` (refused if it is another run's), else
-        started; without ``resume`` an existing one is refused rather than thrown away. ``create``: this
-        process sets it up (rank 0); the others only open it."""
+    def open(cls, output: Path, source: Path, config: FactorizeConfig, *, resume: bool) -> Journal:
+        """The journal beside ``output`` (rank 0 sets it up; other ranks just construct it): continued with
+        ``resume`` (refused if it is another run's), else started; without ``resume`` an existing one is
+        refused rather than thrown away."""
         journal = cls(journal_path(output))
         wanted = identity(source, config)
-        if not create:
-            return journal
         found = journal.path / "journal.json"
         if journal.path.exists():
             if not resume:
@@ -192,9 +189,6 @@ class Journal:
             except (OSError, ValueError, KeyError):
                 continue
         return found
-
-    def entries(self) -> Iterator[Path]:
-        return iter(sorted((self.path / "layers").glob("*.safetensors")))
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from factorize_cli.errors import InputError
+from factorize_cli.execution import split_cores
 from factorize_cli.formats.base import Checkpoint
 from factorize_cli.formats.safetensors import OutputTensor
 from factorize_cli.planning import LayerPlan, Plan
@@ -109,7 +110,7 @@ def execute(checkpoint: Checkpoint, layout: list[Placed], work: LayerWork) -> It
     workers, threads = split_cores(work)
     reads = prefetch(checkpoint, _sources(layout, getattr(work, "reads_weights", True)))
     window: collections.deque = collections.deque()  # (placed, value) not yet yielded, in layout order
-    last: list[Factors] = []  # the factors whose first factor was yielded last (the second follows)
+    last: list[Factors] = []  # the factors of the layer being yielded (its other factor follows)
 
     def pending() -> int:
         return sum(isinstance(value, Future) for _, value in window)
@@ -140,20 +141,6 @@ def execute(checkpoint: Checkpoint, layout: list[Placed], work: LayerWork) -> It
         reads.close()
         pool.shutdown(wait=finished, cancel_futures=True)
         torch.set_num_threads(saved)
-
-
-def split_cores(work: LayerWork) -> tuple[int, int]:
-    """(layers factorized at once, math threads each): two layers on CPUs with two or more cores; one
-    when whitening (the whitener holds one float64 pair in memory at a time; two workers measured slower,
-    waiting on each other's whitening), on an accelerator, or for work that computes nothing (factors given
-    by a live run)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    config, whitener = getattr(work, "config", None), getattr(work, "whitener", None)
-    if config is None or config.device != "cpu" or threads < 2 or (whitener is not None and whitener.active):
-        return 1, threads
-    return 2, threads // 2
 
 
 def _staged(layout: list[Placed], reads: Iterator, pool: ThreadPoolExecutor, work: LayerWork) -> Iterator:

@@ -12,17 +12,16 @@ the journal are not computed again, whoever computed them.
 
 from __future__ import annotations
 
-import collections
 import os
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from factorize_cli.distributed import SOLO, Group, balanced
-from factorize_cli.execution import GivenWork, LayerWork, NonFiniteWeight
+from factorize_cli.distributed import balanced
+from factorize_cli.execution import GivenWork, LayerWork, NonFiniteWeight, each_layer, split_cores
 from factorize_cli.errors import GateError
-from factorize_cli.journal import Journal
+from factorize_cli.journal import Journal, journal_path
 from factorize_cli.pipeline import ApplyRun
 
 if TYPE_CHECKING:
@@ -31,53 +30,20 @@ if TYPE_CHECKING:
     from factorize_cli.whitening import Whitener
 
 
-def shares(layers: list[LayerPlan], world: int) -> list[list[LayerPlan]]:
-    """Each rank's layers (balanced by cost), each share in the checkpoint's order."""
-    owners = balanced([layer.geometry.cost for layer in layers], world)
-    return [[layer for layer, owner in zip(layers, owners) if owner == rank] for rank in range(world)]
-
-
 def factorize_into(checkpoint: Checkpoint, layers: list[LayerPlan], work: LayerWork, journal: Journal) -> set[str]:
-    """Factorize ``layers`` (weights read ahead, in order) into ``journal``, as many at a time and on as
-    many math threads each as a one-process apply uses; the layers found to hold NaN or Inf."""
-    import torch
-
-    from factorize_cli.formats.base import prefetch
-    from factorize_cli.rewrite import split_cores
-
-    workers, threads = split_cores(work)
-    weights = prefetch(checkpoint, (layer.candidate.weight.key for layer in layers))
-    pending: collections.deque = collections.deque()
+    """Factorize ``layers`` into ``journal`` as a one-process apply would (:func:`each_layer`); the layers
+    found to hold NaN or Inf."""
     bad: set[str] = set()
-
-    def finish() -> None:
-        layer, future = pending.popleft()
-        try:
-            outcome, result = future.result()
-        except NonFiniteWeight:
-            journal.mark_non_finite(layer.name)
-            bad.add(layer.name)
-        else:
-            journal.save(layer, outcome.factors, result)
-        work.progress.advance(layer.name)
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="factorize-math") as pool:
+    with closing(each_layer(checkpoint, layers, work.factorize, work)) as done:
+        for layer, future in done:
             try:
-                for layer in layers:
-                    pending.append((layer, pool.submit(work.factorize, layer, next(weights))))
-                    if len(pending) >= workers:
-                        finish()
-                while pending:
-                    finish()
-            finally:
-                for _, future in pending:
-                    future.cancel()
-    finally:
-        weights.close()
-        torch.set_num_threads(saved)
+                outcome, result = future.result()
+            except NonFiniteWeight:
+                journal.mark_non_finite(layer.name)
+                bad.add(layer.name)
+            else:
+                journal.save(layer, outcome.factors, result)
+            work.progress.advance(layer.name)
     return bad
 
 
@@ -88,24 +54,23 @@ class SharedApply(ApplyRun):
 
     resume: bool = False
     execution: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.journal: Journal | None = None
+    journal: Journal | None = field(default=None, init=False)
 
     def prepare(self, checkpoint: Checkpoint, whitener: Whitener) -> tuple[Plan, LayerWork]:
         if self.journal is None:
             with self.group.step():  # rank 0 starts or continues the journal; a refusal stops every rank
                 if self.group.lead:
-                    Journal.open(self.output, self.source, self.config, resume=self.resume, create=True)
-            self.journal = Journal.open(self.output, self.source, self.config, resume=True, create=False)
+                    Journal.open(self.output, self.source, self.config, resume=self.resume)
+            self.journal = Journal(journal_path(self.output))
             self.non_finite |= self.journal.non_finite()  # found by the interrupted run
         return super().prepare(checkpoint, whitener)
 
     def compute(self, checkpoint: Checkpoint, plan: Plan, work: LayerWork) -> GivenWork | None:
         group, journal = self.group, self.journal
         assert journal is not None
-        mine = shares(list(plan.to_factorize), group.world)[group.rank]
-        journal.threads = _threads_per_layer(work)
+        layers = list(plan.to_factorize)
+        mine = [layers[i] for i in group.share([layer.geometry.cost for layer in layers])]
+        journal.threads = split_cores(work)[1]
         with group.step():
             todo = [layer for layer in mine if not journal.done(layer)]
             if group.lead:
@@ -120,22 +85,24 @@ class SharedApply(ApplyRun):
         if found - self.non_finite:
             raise NonFiniteWeight(*sorted(found))
         shards = checkpoint.handler.shard_files(checkpoint, plan, self.output) if group.distributed else {}
-        ready = self._write_shards(checkpoint, plan, shards) if shards else None
+        ready, shard_counts = self._write_shards(checkpoint, plan, shards) if shards else (None, None)
         if not group.lead:
             return None
         self.execution = {"processes": group.world, "backend": group.backend or "none",
-                          "threads_per_layer": _threads_per_layer(work),
+                          "threads_per_layer": journal.threads,
                           "layers_per_process": [n for n, _, _ in counts],
                           "resumed_layers": sum(r for _, r, _ in counts), "journal": str(journal.path)}
-        if ready:
-            self.execution["shards_per_process"] = [sum(1 for o in self._shard_owners if o == r)
-                                                    for r in range(group.world)]
-        results = {layer.name: journal.result(layer) for layer in plan.to_factorize}
-        return GivenWork(journal.load, self.progress, results=results, ready_shards=ready)
+        if ready:  # the writer moves every shard in and reads no layer: the results come from here
+            self.execution["shards_per_process"] = shard_counts
+            return GivenWork(journal.load, self.progress, ready_shards=ready,
+                             results={layer.name: journal.result(layer) for layer in layers})
+        return GivenWork(journal.load, self.progress)
 
-    def _write_shards(self, checkpoint: Checkpoint, plan: Plan, shards: dict[str, list]) -> dict[str, Path]:
+    def _write_shards(self, checkpoint: Checkpoint, plan: Plan, shards: dict[str, list]
+                      ) -> tuple[dict[str, Path], list[int]]:
         """Each rank writes its share of a folder output's shards (balanced by bytes) from the journal and
-        the input, into the journal's folder; rank 0's writer moves them into the output."""
+        the input, into the journal's folder; rank 0's writer moves them into the output. The shards'
+        paths, and how many each rank wrote."""
         from factorize_cli.atomic import _fsync_file
         from factorize_cli.formats import write_shard
         from factorize_cli.pipeline import output_metadata
@@ -144,10 +111,10 @@ class SharedApply(ApplyRun):
         group, journal = self.group, self.journal
         assert journal is not None
         names = list(shards)
-        self._shard_owners = balanced([sum(p.entry.nbytes for p in shards[n]) for n in names], group.world)
+        owners = balanced([sum(p.entry.nbytes for p in shards[n]) for n in names], group.world)
         folder, metadata = journal.shards(), output_metadata(plan)
         with group.step():
-            for name, owner in zip(names, self._shard_owners):
+            for name, owner in zip(names, owners):
                 if owner != group.rank:
                     continue
                 placed, tmp = shards[name], folder / f".{name}.tmp-{os.getpid()}"
@@ -155,7 +122,7 @@ class SharedApply(ApplyRun):
                             execute(checkpoint, placed, GivenWork(journal.load)), metadata)
                 _fsync_file(tmp)
                 os.replace(tmp, folder / name)
-        return {name: folder / name for name in names}
+        return {name: folder / name for name in names}, [owners.count(rank) for rank in range(group.world)]
 
     def _run(self, checkpoint: Checkpoint, whitener: Whitener) -> dict[str, Any] | None:
         try:
@@ -173,8 +140,3 @@ class SharedApply(ApplyRun):
             report["execution"] = self.execution
         return report
 
-
-def _threads_per_layer(work: LayerWork) -> int:
-    from factorize_cli.rewrite import split_cores
-
-    return split_cores(work)[1]

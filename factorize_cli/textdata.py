@@ -130,6 +130,11 @@ def tokenize(tokenizer: Any, samples: list[str], config: TextDataConfig, device:
     return batches
 
 
+def my_batches(batches: list[dict], group: Any) -> list[dict]:
+    """This rank's share of the batches under torchrun (dealt by token count; all of them in one process)."""
+    return [batches[i] for i in group.share([float(b["input_ids"].numel()) for b in batches])]
+
+
 def text_batches(folder: str | Path, data: str | Path, config: TextDataConfig = TextDataConfig(),
                  device: str = "cpu", tokenizer: Any = None) -> list[dict]:
     """DATA's first samples, tokenized with ``folder``'s tokenizer, as batches for ``model(**batch)``."""

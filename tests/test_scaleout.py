@@ -212,13 +212,15 @@ def test_a_rank_that_cannot_read_its_share_fails_every_rank_with_its_error(tmp_p
 def _a_key_of_rank_1(src: Path) -> str:
     from factorize_cli.config import FactorizeConfig, SelectionConfig
     from factorize_cli.formats import open_checkpoint
+    from factorize_cli.distributed import Group
     from factorize_cli.pipeline import make_plan
-    from factorize_cli.scaleout import shares
 
     with open_checkpoint(src) as checkpoint:
         plan = make_plan(checkpoint, FactorizeConfig(selection=SelectionConfig(min_features=64)), spectra=False,
                          read_weights=False)
-    return shares(list(plan.to_factorize), 2)[1][0].candidate.weight.key
+    layers = list(plan.to_factorize)
+    rank_1 = Group(rank=1, world=2, backend="gloo")  # the deal every rank computes alike, as rank 1 sees it
+    return layers[rank_1.share( [layer.geometry.cost for layer in layers])[0]].candidate.weight.key
 
 
 def test_plan_under_torchrun_reads_each_share_once_and_rank_0_prints_the_plan(tmp_path):
@@ -321,6 +323,8 @@ def test_a_rank_that_dies_stops_the_others_with_a_clear_error_and_resume_finishe
     assert not out.exists()
     resumed = run(ONE, "apply", src, out, *flags, "--resume", threads=2)  # one process finishes it
     assert resumed.returncode == 0, resumed.stderr
+    report = json.loads((tmp_path / "out.factorize.json").read_text())
+    assert report["execution"]["processes"] == 1 and report["execution"]["resumed_layers"] >= 3  # the ranks' layers
     reference = run(ONE, "apply", src, tmp_path / "ref.safetensors", *flags, threads=2)
     assert reference.returncode == 0
     assert out.read_bytes() == (tmp_path / "ref.safetensors").read_bytes()

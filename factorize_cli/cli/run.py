@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from factorize_cli.batch import Job
-from factorize_cli.errors import FactorizeError, GateError
+from factorize_cli.errors import FactorizeError, GateError, verdict
 
 OK, GATE_FAILED, FAILED, INTERNAL = "ok", "gate-failed", "error", "internal-error"
 EXIT = {OK: 0, GATE_FAILED: 1, FAILED: 2, INTERNAL: 3}
@@ -66,14 +66,10 @@ def run_jobs(jobs: list[Job], work: Callable[[Job], dict[str, Any]], *, quiet: b
 
 def _failure(e: Exception, debug: bool) -> tuple[str, str]:
     """A checkpoint's failure: its status and one-line error (a bug re-raised with --debug)."""
-    if isinstance(e, FactorizeError):
-        return FAILED if e.exit_code < 3 else INTERNAL, str(e)
-    if isinstance(e, OSError):
-        where = f"{e.filename}: " if e.filename else ""
-        return FAILED, f"{where}{e.strerror or e}"
-    if debug:
+    code, message = verdict(e)
+    if code >= 3 and debug and not isinstance(e, FactorizeError):
         raise e
-    return INTERNAL, f"internal error: {type(e).__name__}: {e}; rerun with --debug for the traceback"
+    return (FAILED if code < 3 else INTERNAL), message
 
 
 def _debug() -> bool:

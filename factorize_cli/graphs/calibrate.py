@@ -327,8 +327,6 @@ def calibrate_checkpoint(model: str | Path, inputs: str | Path, stats: str | Pat
     rank 0 writes them and returns the summary, the other ranks return None. A program whose state also
     carries from one sequence into the next (no --reset) is refused: its shares would not add up to the
     one-process run."""
-    from dataclasses import replace
-
     from factorize_cli import distributed
     from factorize_cli.calibration import reduce_stats, save_activation_stats
     from factorize_cli.errors import describe
@@ -341,9 +339,8 @@ def calibrate_checkpoint(model: str | Path, inputs: str | Path, stats: str | Pat
     with group.step():  # every rank reads the whole file: a failure on one stops them all
         check_targets({"statistics": stats}, [model, Path(inputs)], force=force)
         calls = load_calls(inputs, entry, device)
-    owners = distributed.balanced([float(len(s)) for s in calls.sequences], group.world)
-    mine = replace(calls, sequences=tuple(s for s, owner in zip(calls.sequences, owners) if owner == group.rank),
-                   split=len(set(owners)) > 1)
+    mine = calls.dealt(group)
+    per = group.gather(len(mine.sequences))
     with group.step(), open_checkpoint(model) as checkpoint:
         try:
             collected = checkpoint.handler.calibrate(checkpoint, mine, device)
@@ -360,7 +357,7 @@ def calibrate_checkpoint(model: str | Path, inputs: str | Path, stats: str | Pat
     summary = {"stats": str(stats), "layers": {name: s.count for name, s in sorted(collected.items())},
                "batches": len(calls), "sequences": len(calls.sequences), "processes": group.world}
     if group.distributed:
-        summary["sequences_per_process"] = per = [owners.count(rank) for rank in range(group.world)]
+        summary["sequences_per_process"] = per
         if idle := [rank for rank, n in enumerate(per) if n == 0]:
             summary["note"] = (f"{len(calls.sequences)} sequence(s) for {group.world} processes: rank(s) "
                                f"{', '.join(map(str, idle))} ran none (a sequence's calls may carry state, so it "

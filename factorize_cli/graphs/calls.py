@@ -18,7 +18,7 @@ neither; its state, if any, lives in buffers its graph mutates and carries over 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,14 @@ class Calls:
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.sequences)
+
+    def dealt(self, group: Any) -> Calls:
+        """This rank's share under torchrun: whole sequences (a sequence may carry state from call to call),
+        dealt by number of calls, ``split`` when other ranks run some; in one process, all of them."""
+        if not group.distributed:
+            return self
+        mine = group.share([float(len(s)) for s in self.sequences])
+        return replace(self, sequences=tuple(self.sequences[i] for i in mine), split=len(mine) < len(self.sequences))
 
     @property
     def stateful(self) -> bool:

@@ -53,9 +53,6 @@ class GraphProgram:
         """Under torchrun (``group``) each rank runs the statistics on its share of whole sequences of calls
         (a sequence may carry state from call to call; with state that also carries from one sequence to the
         next, no --reset, the sequences cannot be dealt out and this is refused)."""
-        from dataclasses import replace
-
-        from factorize_cli.datarun import share
         from factorize_cli.distributed import SOLO
         from factorize_cli.api import Subject, run_subject
         from factorize_cli.graphs.calls import Entry, load_calls
@@ -75,14 +72,10 @@ class GraphProgram:
         candidates, notes = checkpoint.handler.candidates(checkpoint, config.selection)
         subject = Subject(tuple(candidates), taps.weights, taps, install, checkpoint.path, checkpoint.format, notes)
         group = group or SOLO
-        mine = calls
-        if group.distributed:
-            if calls.entry.reset is None and (calls.stateful or carries_state(taps, calls)):
-                raise UsageError(f"{data}: under torchrun the calls are dealt to the processes, so each must stand "
-                                 "alone (a list of calls is one sequence, whose state may carry from call to call): "
-                                 "give --reset METHOD to deal whole sequences, or run --data in one process")
-            mine = replace(calls, sequences=tuple(share(list(calls.sequences), [float(len(q)) for q in calls.sequences],
-                                                        group, f"{data}: the sequences of calls")))
-        run = run_subject(subject, config, mine, swaps, sequential=sequential, progress=progress, group=group,
+        if group.distributed and calls.entry.reset is None and (calls.stateful or carries_state(taps, calls)):
+            raise UsageError(f"{data}: under torchrun the calls are dealt to the processes, so each must stand "
+                             "alone (a list of calls is one sequence, whose state may carry from call to call): "
+                             "give --reset METHOD to deal whole sequences, or run --data in one process")
+        run = run_subject(subject, config, calls.dealt(group), swaps, sequential=sequential, progress=progress, group=group,
                           everything=calls)
         return Ran(run.plan, factors, run.results, {n: m.value for n, m in run.methods.items()}, run.notes)
