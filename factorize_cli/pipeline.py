@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -109,9 +109,13 @@ def plan_checkpoint(path: str | Path, config: FactorizeConfig, *, spectra: bool 
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     group = distributed.current(config.device)
     config = replace(config, device=group.device(config.device))
-    check_targets({"report": report_path, "HTML report": html_path}, _inputs(path, config), force=force)
-    with open_checkpoint(path, unsafe_pickle=unsafe_pickle) as checkpoint:
+
+    def refusals() -> None:
+        check_targets({"report": report_path, "HTML report": html_path}, _inputs(path, config), force=force)
         check_device(config.device)
+
+    _, checkpoint = _together(group, refusals, path, unsafe_pickle)
+    with checkpoint:
         plan = make_plan(checkpoint, config, spectra=wanted, read_weights=False, progress=progress, group=group)
         checkpoint.handler.output_tensors(checkpoint, plan)  # the same validation apply does (key collisions)
         notes = [] if wanted or config.needs_spectra else [HEADERS_ONLY]
@@ -146,6 +150,8 @@ class ApplyRun:
     def run(self, checkpoint: Checkpoint, whitener: Whitener) -> dict[str, Any]:
         """Plan from headers, then write; each weight is read once, by the writer (checked there). A
         weight found NaN/Inf abandons the partial output and plans again without that layer."""
+        with self.group.step():  # refused alike on every rank: one line, from rank 0
+            self.kind = self.check(checkpoint)
         while True:
             try:
                 return self._run(checkpoint, whitener)
@@ -164,8 +170,7 @@ class ApplyRun:
         return kind
 
     def _run(self, checkpoint: Checkpoint, whitener: Whitener) -> dict[str, Any] | None:
-        handler = checkpoint.handler
-        kind = self.check(checkpoint)
+        handler, kind = checkpoint.handler, self.kind
         plan, work = self.prepare(checkpoint, whitener)
         self.destination = {"path": str(self.output), "format": kind.value, "files": [],
                             "report": str(self.report_path), "tensors": handler.output_tensors(checkpoint, plan),
@@ -257,36 +262,58 @@ def apply_checkpoint(path: str | Path, output: str | Path, config: FactorizeConf
     source, output = Path(path), Path(output)
     group = distributed.current(config.device)
     config = replace(config, device=group.device(config.device))
-    args = (source, output, config, Path(report_path) if report_path else default_report_path(output),
-            Path(html_path) if html_path else None, label, VerifyInputs.parse(verify, entry or Entry()),
-            verify_tol, progress or Silent())
-    if data is None and (group.distributed or resume):
-        from factorize_cli.scaleout import SharedApply
 
-        run = SharedApply(*args, group=group, resume=resume)
-    elif data is None:
-        run = ApplyRun(*args)
-    else:
-        if resume:
-            raise UsageError("--data is not resumable: its layers are refit one after another on the model as "
-                             "it runs; drop --resume")
-        from factorize_cli.datarun import ApplyWithData
-        from factorize_cli.textdata import TextDataConfig
+    def refusals() -> ApplyRun:
+        args = (source, output, config, Path(report_path) if report_path else default_report_path(output),
+                Path(html_path) if html_path else None, label, VerifyInputs.parse(verify, entry or Entry()),
+                verify_tol, progress or Silent())
+        if data is None and (group.distributed or resume):
+            from factorize_cli.scaleout import SharedApply
 
-        if config.calibration:
-            raise UsageError("--data calibrates as it goes: drop --calibration")
-        run = ApplyWithData(*args, data=Path(data), text=text or TextDataConfig(), sequential=sequential,
-                            entry=entry, group=group)
-    read = _inputs(source, config) + ([Path(data)] if data is not None else [])
-    if run.specs is not None and not run.specs.specs:  # --verify FILE: an input too
-        read.append(Path(run.specs.calls.source))
-    check_targets({"output": output, "report": run.report_path, "HTML report": run.html_path}, read, force=force)
-    with open_checkpoint(source, unsafe_pickle=unsafe_pickle) as checkpoint, \
-            Whitener(config.calibration, keep_for_apply=True) as whitener:
+            run: ApplyRun = SharedApply(*args, group=group, resume=resume)
+        elif data is None:
+            run = ApplyRun(*args)
+        else:
+            if resume:
+                raise UsageError("--data is not resumable: its layers are refit one after another on the model "
+                                 "as it runs; drop --resume")
+            from factorize_cli.datarun import ApplyWithData
+            from factorize_cli.textdata import TextDataConfig
+
+            if config.calibration:
+                raise UsageError("--data calibrates as it goes: drop --calibration")
+            run = ApplyWithData(*args, data=Path(data), text=text or TextDataConfig(), sequential=sequential,
+                                entry=entry, group=group)
+        read = _inputs(source, config) + ([Path(data)] if data is not None else [])
+        if run.specs is not None and not run.specs.specs:  # --verify FILE: an input too
+            read.append(Path(run.specs.calls.source))
+        check_targets({"output": output, "report": run.report_path, "HTML report": run.html_path}, read,
+                      force=force)
+        return run
+
+    run, checkpoint = _together(group, refusals, source, unsafe_pickle)
+    with checkpoint, Whitener(config.calibration, keep_for_apply=True) as whitener:
         report = run.run(checkpoint, whitener)
     if report is not None:
         write_reports(report, run.report_path, run.html_path)
     return report
+
+
+def _together(group: Group, refusals: Callable[[], Any], source: str | Path, unsafe_pickle: bool
+              ) -> tuple[Any, Checkpoint]:
+    """The up-front refusals, then the input opened, as one stage of the ranks (:meth:`Group.step`): a
+    refusal every rank meets alike (the output exists, the input is the output) is printed once, by rank 0,
+    and one rank's unreadable input stops them all. ``refusals()``'s value, and the opened checkpoint."""
+    checkpoint = None
+    try:
+        with group.step():
+            value = refusals()
+            checkpoint = open_checkpoint(source, unsafe_pickle=unsafe_pickle)
+    except BaseException:
+        if checkpoint is not None:  # another rank failed
+            checkpoint.close()
+        raise
+    return value, checkpoint
 
 
 def factorize_state_dict(state_dict: Mapping[str, Any], config: FactorizeConfig | None = None

@@ -336,3 +336,18 @@ def _environ(pid: int) -> dict[str, str]:
     except OSError:
         return {}
     return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def test_a_refusal_every_rank_meets_is_said_once_and_touches_nothing(tmp_path):
+    src = tmp_path / "in.safetensors"
+    save_file(model(2, 128), src)
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"the user's file")
+    for target, said in ((out, "already exists; pass --force"), (src, "would overwrite the input")):
+        before = src.read_bytes()
+        refused = run(TWO, "apply", src, target, *FLAGS, threads=1, timeout=120)
+        errors = [line for line in refused.stderr.splitlines() if line.startswith("factorize: error:")]
+        assert refused.returncode != 0 and len(errors) == 1 and said in errors[0], refused.stderr
+        assert not errors[0].startswith("factorize: error: rank")  # rank 0 speaks for both
+        assert src.read_bytes() == before and out.read_bytes() == b"the user's file"
+    assert journals(tmp_path) == []
