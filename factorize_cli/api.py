@@ -440,8 +440,10 @@ def _result(weight: torch.Tensor, layer: LayerPlan, outcome: Any, output_error: 
 
     factors = outcome.factors
     full = len(factors.sigma) == layer.geometry.max_rank
-    return LayerResult(outcome.achieved_error, factors.stats.energy_kept, math.sqrt(sum_squares(weight)),
-                       outcome.engine, factors.sigma if full else None, output_error, output_norm)
+    norm = getattr(outcome, "norm", math.nan)
+    return LayerResult(outcome.achieved_error, factors.stats.energy_kept,
+                       norm if math.isfinite(norm) else math.sqrt(sum_squares(weight)), outcome.engine,
+                       factors.sigma if full else None, output_error, output_norm)
 
 
 def _pair(module: nn.Module, layer: LayerPlan, first: torch.Tensor, second: torch.Tensor) -> nn.Module:

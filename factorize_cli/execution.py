@@ -75,7 +75,8 @@ class LayerWork:
         factors = outcome.factors
         full = len(factors.sigma) == layer.geometry.max_rank
         return outcome, LayerResult(
-            outcome.achieved_error, factors.stats.energy_kept, math.sqrt(sum_squares(weight)), outcome.engine,
+            outcome.achieved_error, factors.stats.energy_kept,
+            outcome.norm if math.isfinite(outcome.norm) else math.sqrt(sum_squares(weight)), outcome.engine,
             factors.sigma if full else None, output_error,
             factors.stats.norm if output_error is not None else None, fallback)
 

@@ -60,7 +60,8 @@ def test_auto_gram_is_within_a_thousandth_of_the_optimum(shape, alpha):
     outcome = factorize_checked(w, geo(shape), rank)
     best = optimum_error(w, rank)
     assert outcome.engine in ("gram", "subspace")
-    assert best <= outcome.achieved_error <= best * (1 + 1e-3)
+    # measured by the float32 residual (float64 sums): good to ~1e-6 of itself, so "not below the optimum" too
+    assert best * (1 - 1e-6) <= outcome.achieved_error <= best * (1 + 1e-3)
     # spectrum from the Gram matrix (its top by subspace iteration, completed by the trace)
     assert outcome.factors.stats.relative_error == pytest.approx(best, rel=1e-3 if outcome.engine == "subspace" else 1e-4)
 
