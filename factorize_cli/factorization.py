@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from factorize_cli.dense import cholesky, gram, times_lower
 from factorize_cli.geometry import Geometry
 
 Decomposition = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -69,21 +70,6 @@ def gram_svd(a: torch.Tensor, rank: int, seed: int = 0) -> Decomposition:
 
 class NotConverged(RuntimeError):
     """The subspace iteration did not certify its truncation: the caller falls back to a full ``eigh``."""
-
-
-def gram(a: torch.Tensor, rows: int = 256) -> torch.Tensor:
-    """``a a^T`` (the small side). On the CPU only the blocks of ``rows`` rows on and above the diagonal
-    are multiplied, and mirrored: ~35% less time than the full product (which the CPU BLAS computes
-    whole), measured from 768 to 2048 rows on one and two threads (scripts/stages.py)."""
-    m = a.shape[0]
-    if a.device.type != "cpu" or m <= rows:
-        return a @ a.T
-    g = torch.empty(m, m, dtype=a.dtype)
-    for start in range(0, m, rows):
-        end = start + rows
-        g[start:end, start:] = a[start:end] @ a[start:].T
-        g[end:, start:end] = g[start:end, end:].T
-    return g
 
 
 def subspace_svd(a: torch.Tensor, rank: int, seed: int = 0) -> Decomposition:
@@ -346,21 +332,21 @@ def cholesky_whitening(second_moment: torch.Tensor, floor: float = 1e-6) -> tupl
     ``d = floor * max(diag C)`` (raised tenfold until the factorization succeeds) keeps a singular or
     slightly indefinite ``C`` invertible with a bounded ``L^-1``, as :func:`whitening`'s eigenvalue floor does.
     """
-    c = second_moment.to(torch.float64)
-    c = c + c.T
-    c /= 2
+    c = second_moment.to(torch.float64)  # the factorization reads its lower triangle: no symmetrized copy
     n = c.shape[0]
-    diag = torch.diagonal(c)
-    scale = float(diag.max()) if n else 0.0
-    if not math.isfinite(scale) or scale <= 0 or not bool(torch.isfinite(c).all()):
+    scale = float(torch.diagonal(c).max()) if n else 0.0
+    # NaN and Inf survive a sum (one pass, no temporary); so would an overflow, as unusable
+    if not math.isfinite(scale) or scale <= 0 or not math.isfinite(float(c.sum())):
         raise ValueError("the second moment is zero or not finite")
     ridge, added = floor * scale, 0.0
     for _ in range(9):
-        lower, info = torch.linalg.cholesky_ex(c)
-        if int(info) == 0 and float(torch.diagonal(lower).square().min()) >= ridge:
+        lower, info = cholesky(c)
+        if info == 0 and float(torch.diagonal(lower).square().min()) >= ridge:
             return lower, None
+        if c is second_moment:
+            c = c.clone()  # the caller's matrix is not raised
         step = ridge * (1.0 if added == 0.0 else 9.0)  # the total ridge: floor * max(diag), then tenfold
-        diag += step
+        torch.diagonal(c).add_(step)
         added += step
     raise ValueError("the second moment is not positive semi-definite")
 
@@ -371,10 +357,12 @@ def output_space(geometry: Geometry) -> Geometry:
 
 
 def whitened_singular_values(weight: torch.Tensor, geometry: Geometry, root: torch.Tensor, *,
-                             engine: str = "exact", device: str = "cpu") -> torch.Tensor:
+                             engine: str = "exact", device: str = "cpu", lower: bool = False) -> torch.Tensor:
     """All singular values of ``W S`` (float64, descending), the spectrum :func:`factorize_whitened`
-    truncates, computed the way ``engine`` would compute them (``gram``: float64 Gram matrix)."""
-    m = as_matrix(weight, geometry).to(torch.float64) @ root
+    truncates, computed the way ``engine`` would compute them (``gram``: float64 Gram matrix);
+    ``lower``: ``S`` is lower triangular (:func:`cholesky_whitening`)."""
+    w = as_matrix(weight, geometry).to(torch.float64)
+    m = times_lower(w, root) if lower else w @ root
     return singular_values(m, output_space(geometry), engine=engine, device=device)
 
 
@@ -402,7 +390,10 @@ def factorize_whitened(weight: torch.Tensor, geometry: Geometry, rank: int, root
     same engines and checks as a plain factorization."""
     dtype = working_dtype(weight, "exact" if engine == "exact" else "gram")
     root = root.to(device=device, dtype=dtype)
-    m = as_matrix(weight, geometry).to(device=device, dtype=dtype) @ root
+    lower = root_inverse is None
+    w = as_matrix(weight, geometry).to(device=device, dtype=dtype)
+    m = times_lower(w, root) if lower else w @ root
+    del w
     inner = factorize_checked(m, output_space(geometry), rank, engine=engine, seed=seed, device=device, measure=False)
     second = inner.factors.second.reshape(geometry.out_features, rank).to(device=device)
     first = inner.factors.first.reshape(rank, geometry.fan_in).to(device=device)
@@ -417,7 +408,8 @@ def factorize_whitened(weight: torch.Tensor, geometry: Geometry, rank: int, root
     achieved = factors_error(weight, first, second, geometry, precise=precise, device=device)
     # (W - W') S = W S - A (B S), from the stored factors, without an out x fan_in float64 product
     a = second.reshape(geometry.out_features, rank).to(device=device, dtype=m.dtype)
-    b_root = first.reshape(rank, geometry.fan_in).to(device=device, dtype=m.dtype) @ root
+    b = first.reshape(rank, geometry.fan_in).to(device=device, dtype=m.dtype)
+    b_root = times_lower(b, root) if lower else b @ root
     total = sum_squares(m)
     residual = sum_squares(torch.addmm(m, a, b_root, alpha=-1))
     output_error = math.sqrt(residual / total) if total else 0.0

