@@ -171,18 +171,18 @@ def low_rank_factors(weight: torch.Tensor, geometry: Geometry, rank: int, *, eng
     tall = m.shape[0] > m.shape[1]
     a = m.T if tall else m
     u, p, sigma = ENGINES[engine](a, rank, seed)
+    total = sum_squares(a)
+    del m, a  # the working copy, the largest temporary (a float32 copy of the weight): freed before the factors
+    captured = sum_squares(p)  # u is orthonormal: ||a - u p||^2 = ||a||^2 - ||p||^2
     norms = p.norm(dim=1)
     root = norms.sqrt()
     left = u * root[None, :]
-    right = torch.where(norms[:, None] > 0, p / root.clamp_min(torch.finfo(p.dtype).tiny)[:, None],
-                        torch.zeros_like(p))
+    right = p.mul_(torch.where(norms > 0, 1 / root.clamp_min(torch.finfo(p.dtype).tiny), 0)[:, None])  # p: the engine's own
     second, first = (right.T, left.T) if tall else (left, right)
     first_shape, second_shape = geometry.factor_shapes(rank)
     first = first.reshape(first_shape).to(device="cpu", dtype=weight.dtype)
     second = second.reshape(second_shape).to(device="cpu", dtype=weight.dtype)
     sigma = sigma.to(device="cpu", dtype=torch.float64)
-    total = sum_squares(a)
-    captured = sum_squares(p)  # u is orthonormal: ||a - u p||^2 = ||a||^2 - ||p||^2
     engine_error = math.sqrt(max(total - captured, 0.0) / total) if total else 0.0
     norm = math.sqrt(total) if len(sigma) < geometry.max_rank else None  # completes a partial spectrum
     return Factors(first.contiguous(), second.contiguous(), sigma, spectrum_stats(sigma, rank, norm), engine,

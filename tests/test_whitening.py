@@ -190,3 +190,22 @@ def test_pairs_kept_for_apply_are_bounded_and_dropped_when_not_needed(tmp_path, 
         assert torch.equal(first[0], root)
         assert not list(Path(spills[0]).iterdir())  # used up: deleted
     assert not os.path.exists(spills[0])
+
+
+def test_the_pair_is_held_in_the_precision_layers_use(tmp_path, block, counted):
+    """A float32 request converts the held float64 pair once (the float64 one is dropped); a float64 request
+    after that recomputes it from the statistics rather than widening rounded values."""
+    calls, _ = counted
+    name = "layers.0.mlp.down_proj"
+    with Whitener(str(tmp_path / "s.safetensors")) as whitener:
+        wide = whitener.pair(name)
+        assert wide[0].dtype == torch.float64 and len(calls) == 1
+        narrow = whitener.pair(name, torch.float32)
+        assert narrow[0].dtype == torch.float32 and torch.equal(narrow[0], wide[0].float())
+        del wide
+        assert whitener.pair(name, torch.float32)[0] is narrow[0] and len(calls) == 1  # held, not converted again
+        del narrow
+        again = whitener.pair(name, torch.float64)
+        assert again[0].dtype == torch.float64 and len(calls) == 2
+        root, _ = cholesky_whitening(block[1][name].second_moment)
+        assert torch.equal(again[0], root)

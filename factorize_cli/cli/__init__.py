@@ -43,7 +43,10 @@ from factorize_cli.cli import plan as _plan_cmd  # noqa: E402,F401
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and maps every error to one line and an exit code, here and only here."""
+    from factorize_cli.memory import release_large_allocations
+
     args = sys.argv[1:] if argv is None else argv
+    release_large_allocations()
     try:
         _main(args)
     finally:

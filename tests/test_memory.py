@@ -1,0 +1,45 @@
+"""The CLI's allocation policy: a freed large tensor goes back to the operating system."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from factorize_cli.memory import release_large_allocations
+
+PROBE = textwrap.dedent("""
+    import os, sys, torch
+    from factorize_cli.memory import release_large_allocations
+    if sys.argv[1] == "policy":
+        assert release_large_allocations()
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    big = torch.ones(30 << 18)  # 30 MiB, mapped: freeing it raises glibc's dynamic threshold to 30 MiB
+    del big
+    tensor = torch.ones(24 << 18)  # 24 MiB, touched
+    held = rss()
+    del tensor
+    print((held - rss()) / 2**20)
+""")
+
+
+def _released(mode: str) -> float:
+    env = {"PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, env=env, timeout=120,
+                         check=True, cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    return float(out.stdout.strip())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_a_freed_large_tensor_is_returned_to_the_system():
+    assert _released("policy") >= 20  # MiB back at once
+    assert _released("default") < 4  # without the policy glibc keeps it (the test can tell the two apart)
+
+
+def test_the_users_own_threshold_is_left_alone(monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert release_large_allocations() is False
