@@ -2,7 +2,7 @@
 factor, and a blocked Cholesky factorization.
 
 A CPU BLAS computes ``a @ a.T`` and ``x @ lower`` whole, although half of each is known in advance
-(symmetry, zeros), and LAPACK's Cholesky (``potrf``) runs at a third of the matrix-product rate on two
+(symmetry, zeros), and LAPACK's Cholesky (``potrf``) runs at well under the matrix-product rate on two
 cores. Each function here splits the work into blocks of rows or columns so that only the needed
 half is multiplied, by matrix products. On other devices they call the plain operation.
 """
@@ -43,8 +43,8 @@ def cholesky(c: torch.Tensor, block: int = 512) -> tuple[torch.Tensor, int]:
     """``(L, info)`` with ``L L^T = c`` from ``c``'s lower triangle, as ``torch.linalg.cholesky_ex`` (``info``: 0,
     or the 1-based index of the first pivot that is not positive). On the CPU a right-looking blocked
     factorization: LAPACK on each diagonal block, a triangular solve for the panel below it, and the trailing
-    lower triangle updated by matrix products a column block at a time (5632 float64: 0.65 s against
-    ``potrf``'s 0.93 s on two cores; the same factor to 1e-15)."""
+    lower triangle updated by matrix products a column block at a time (5632 float64 on two cores: 0.65-0.85 s
+    against ``potrf``'s 0.90-0.93 s, in runs minutes apart; the same factor to 1e-15)."""
     n = c.shape[0]
     if c.device.type != "cpu" or n <= 2 * block:
         lower, info = torch.linalg.cholesky_ex(c)
