@@ -130,7 +130,7 @@ def execute(checkpoint: Checkpoint, layout: list[Placed], work: LayerWork) -> It
     try:
         for item in _staged(layout, reads, pool, work):
             window.append(item)
-            while pending() >= workers:
+            while pending() > workers:  # one layer queued beyond those running: no core idles behind a slow one
                 yield front()
         while window:
             yield front()
