@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from factorize_cli.config import FactorizeConfig
 from factorize_cli.formats.base import Checkpoint, prefetch
+from factorize_cli.memory import give_back
 from factorize_cli.planning import LayerPlan
 from factorize_cli.progress import Progress, Silent
 from factorize_cli.report import LayerResult
@@ -73,6 +74,7 @@ class LayerWork:
         else:
             outcome, output_error, fallback = whitened.outcome, whitened.output_error, None
         factors = outcome.factors
+        give_back()  # the layer's temporaries, before the next layer's read or math
         full = len(factors.sigma) == layer.geometry.max_rank
         return outcome, LayerResult(
             outcome.achieved_error, factors.stats.energy_kept,

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from factorize_cli.dense import cholesky, gram, times_lower
+from factorize_cli.dense import cholesky, gram, project, times_lower, working
 from factorize_cli.geometry import Geometry
 
 Decomposition = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -69,7 +69,7 @@ def gram_svd(a: torch.Tensor, rank: int, seed: int = 0) -> Decomposition:
     lam, vectors = torch.linalg.eigh(gram(a))  # ascending
     u = vectors[:, -rank:].flip(1).contiguous()
     sigma = lam.flip(0).clamp_min(0).sqrt().to(torch.float64)
-    return u, u.T @ a, sigma
+    return u, project(u, a), sigma
 
 
 class NotConverged(RuntimeError):
@@ -83,7 +83,7 @@ def subspace_svd(a: torch.Tensor, rank: int, seed: int = 0) -> Decomposition:
     if not pairs.converged:
         raise NotConverged(f"subspace iteration: estimated deficit {pairs.deficit:.3g} after {pairs.rounds} rounds")
     u = pairs.vectors
-    return u, u.T @ a, pairs.values[:rank].clamp_min(0).sqrt()
+    return u, project(u, a), pairs.values[:rank].clamp_min(0).sqrt()
 
 
 def randomized_svd(a: torch.Tensor, rank: int, seed: int = 0, *, max_power: int = 8,
@@ -109,6 +109,7 @@ def randomized_svd(a: torch.Tensor, rank: int, seed: int = 0, *, max_power: int 
 
 ENGINES: dict[str, Engine] = {"exact": exact_svd, "gram": gram_svd, "subspace": subspace_svd,
                               "randomized": randomized_svd}
+CHUNKED = frozenset({"gram", "subspace"})  # engines that take a half-precision matrix as it is stored
 
 
 @dataclass(frozen=True)
@@ -171,12 +172,15 @@ def low_rank_factors(weight: torch.Tensor, geometry: Geometry, rank: int, *, eng
     """Best rank-``rank`` factors of ``weight`` (for the engine), in the weight's dtype, on the CPU."""
     if not 1 <= rank <= geometry.max_rank:
         raise ValueError(f"rank {rank} outside [1, {geometry.max_rank}]")
-    m = as_matrix(weight, geometry).to(device=device, dtype=precision or working_dtype(weight, engine))
+    dtype = precision or working_dtype(weight, engine)
+    m = as_matrix(weight, geometry)
+    if not (engine in CHUNKED and m.device.type == "cpu" and device == "cpu" and working(m.dtype) == dtype):
+        m = m.to(device=device, dtype=dtype)  # else the engine converts a column chunk at a time (dense.py)
     tall = m.shape[0] > m.shape[1]
     a = m.T if tall else m
     u, p, sigma = ENGINES[engine](a, rank, seed)
     total = sum_squares(a)
-    del m, a  # the working copy, the largest temporary (a float32 copy of the weight): freed before the factors
+    del m, a  # a working copy, when there is one, is the largest temporary: freed before the factors
     captured = sum_squares(p)  # u is orthonormal: ||a - u p||^2 = ||a||^2 - ||p||^2
     norms = p.norm(dim=1)
     root = norms.sqrt()

@@ -32,3 +32,25 @@ def release_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+
+
+_trim = None
+
+
+def give_back() -> None:
+    """Return the free memory of every allocator arena to the system (glibc's ``malloc_trim``); a no-op
+    elsewhere. Called after each layer: what a layer's temporaries below the mmap threshold left in the
+    arenas would otherwise stay resident."""
+    global _trim
+    if _trim is None:
+        _trim = False
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            try:
+                _trim = ctypes.CDLL(None).malloc_trim
+                _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
+            except (OSError, AttributeError):
+                _trim = False
+    if _trim:
+        _trim(0)

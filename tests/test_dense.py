@@ -55,3 +55,19 @@ def test_blocked_cholesky_reports_the_failing_pivot_like_lapack(where):
     c = x.T @ x
     c[where[0], 3] = float("nan")
     assert cholesky(c)[1] == int(torch.linalg.cholesky_ex(c)[1]) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_half_precision_is_converted_a_chunk_at_a_time_to_the_same_products(dtype, transposed):
+    from factorize_cli.dense import project
+
+    gen = torch.Generator().manual_seed(4)
+    # 2600 columns: three chunks, the last partial; a tall stored weight is factorized through its transpose
+    a = torch.randn(2600, 700, generator=gen).to(dtype).T if transposed else \
+        torch.randn(700, 2600, generator=gen).to(dtype)
+    full = a.float()
+    assert torch.allclose(gram(a), gram(full), rtol=0, atol=1e-4 * float(gram(full).abs().max()))
+    assert gram(a).dtype == torch.float32 and torch.equal(gram(a), gram(a).T)
+    u = torch.linalg.qr(torch.randn(700, 64, generator=gen)).Q
+    assert torch.allclose(project(u, a), u.T @ full, rtol=0, atol=1e-5 * float((u.T @ full).abs().max()))

@@ -43,3 +43,32 @@ def test_a_freed_large_tensor_is_returned_to_the_system():
 def test_the_users_own_threshold_is_left_alone(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert release_large_allocations() is False
+
+
+TRIM = textwrap.dedent("""
+    import os, sys, torch
+    from factorize_cli.memory import give_back, release_large_allocations
+    release_large_allocations()
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    pieces = [torch.ones(1 << 20) for _ in range(48)]  # 48 x 4 MiB: below the threshold, in the arena
+    keep = pieces[-1]
+    del pieces  # freed, but below the last piece: the heap top cannot shrink
+    held = rss()
+    if sys.argv[1] == "trim":
+        give_back()
+    print((held - rss()) / 2**20)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_give_back_returns_what_a_layer_left_in_the_arenas():
+    def run(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", TRIM, mode], capture_output=True, text=True, timeout=120,
+                             check=True, env={"PATH": "/usr/bin:/bin"},
+                             cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+        return float(out.stdout.strip())
+
+    assert run("trim") >= 150  # MiB
+    assert run("keep") < 8
