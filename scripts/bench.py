@@ -247,7 +247,36 @@ def markdown(rows: list[dict], command: str) -> str:
                      f"{gb(r.get('baseline_rss'))} | {gb(r['tool_rss'])} | {excess} | "
                      f"{', '.join(r.get('engines', []))} | {same} | "
                      f"{busy(r)} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + bars(rows)) + "\n"
+
+
+# Issue 14's bars (a checkpoint's label, what it asks, the number it reads from the row, the test)
+BARS = (("llama-1.1b slice, 2 layers (bf16)", "at least 6x the naive loop", lambda r: r["baseline_s"] / r["tool_s"],
+         lambda v: v >= 6, "{:.1f}x"),
+        ("llama-1.1b slice, 2 layers (bf16)", "every layer within 0.1% of the optimum", lambda r: r["excess"],
+         lambda v: v <= 1e-3, "worst {:.4%}"),
+        ("bert-base (fp32)", "at least 3x the naive loop", lambda r: r["baseline_s"] / r["tool_s"],
+         lambda v: v >= 3, "{:.1f}x"),
+        ("llama-1.1b whole (bf16)", "under 60 s", lambda r: r["tool_s"], lambda v: v < 60, "{:.1f} s"),
+        ("llama-1.1b whole (bf16)", "peak RSS at most the 0.76 GiB before the speed work",
+         lambda r: r["tool_rss"] / 2**30, lambda v: v <= 0.76, "{:.2f} GiB"),
+        ("llama-1.1b slice, calibrated", "within 1.5x of the plain apply", lambda r: r["vs_plain"],
+         lambda v: v <= 1.5, "{:.2f}x"),
+        ("llama-1.1b slice, 2 layers (bf16)", "byte-identical reruns", lambda r: r["identical"],
+         lambda v: v is True, "{}"))
+
+
+def bars(rows: list[dict]) -> list[str]:
+    """Issue 14's bars against this run's rows, each met or not (on this machine, in this run)."""
+    by_label = {r["checkpoint"]: r for r in rows}
+    lines = ["Issue 14's bars in this run:", ""]
+    for label, asks, read, ok, shown in BARS:
+        row = by_label.get(label)
+        if row is None:
+            continue
+        value = read(row)
+        lines.append(f"- {label}: {asks}: {shown.format(value)}, {'met' if ok(value) else 'not met'}")
+    return lines
 
 
 LLAMA_INPUTS = (("self_attn", 2048, ("q_proj", "k_proj", "v_proj")), ("o", 2048, ("o_proj",)),
@@ -383,7 +412,8 @@ def write_section(path: Path, main: str | None, section: str | None) -> None:
     old_section = CALIBRATED_HEADING + tail if tail else ""
     parts = [main if main is not None else head.rstrip("\n") + "\n", section if section is not None else old_section]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(p for p in parts if p) + ("\n" + scaleout + rest if scaleout else ""))
+    body = "\n".join(p for p in parts if p).rstrip("\n") + "\n"  # no blank lines piling up run after run
+    path.write_text(body + ("\n" + scaleout + rest if scaleout else ""))
 
 
 CALIBRATED_CHECKPOINTS = {  # label, layers, runs (the whole model: ~45 min a calibrated run on two cores)
