@@ -185,7 +185,8 @@ def low_rank_factors(weight: torch.Tensor, geometry: Geometry, rank: int, *, eng
     norms = p.norm(dim=1)
     root = norms.sqrt()
     left = u * root[None, :]
-    right = p.mul_(torch.where(norms > 0, 1 / root.clamp_min(torch.finfo(p.dtype).tiny), 0)[:, None])  # p: the engine's own
+    scale = torch.where(norms > 0, 1 / root.clamp_min(torch.finfo(p.dtype).tiny), 0)
+    right = p.mul_(scale[:, None])  # in place: p is the engine's own
     second, first = (right.T, left.T) if tall else (left, right)
     first_shape, second_shape = geometry.factor_shapes(rank)
     first = first.reshape(first_shape).to(device="cpu", dtype=weight.dtype)
@@ -217,6 +218,10 @@ def relative_error(weight: torch.Tensor, approximation: torch.Tensor) -> float:
 
 def factors_error(weight: torch.Tensor, first: torch.Tensor, second: torch.Tensor, geometry: Geometry, *,
                   precise: bool = True, device: str = "cpu", rows: int = 512) -> float:
+    """``||W - second @ first||_F / ||W||_F``, from the residual a block of rows at a time (no full-size
+    temporary). ``precise`` computes in float64; otherwise float32 products with every square summed in
+    float64: the residual's entries carry ~1e-6 of ``|W|``, so the error is good to ~1e-5 of itself
+    when it is above 1e-2 (the Gram form ``||W||^2 - 2<.,.> + <.,.>`` would lose its square)."""
     total, residual = _residual(weight, first, second, geometry, precise=precise, device=device, rows=rows)
     return math.sqrt(residual / total) if total else 0.0
 
@@ -224,10 +229,6 @@ def factors_error(weight: torch.Tensor, first: torch.Tensor, second: torch.Tenso
 def _residual(weight: torch.Tensor, first: torch.Tensor, second: torch.Tensor, geometry: Geometry, *,
               precise: bool, device: str, rows: int = 512) -> tuple[float, float]:
     """``(||W||_F^2, ||W - second @ first||_F^2)`` as :func:`factors_error` measures them."""
-    """``||W - second @ first||_F / ||W||_F``, from the residual a block of rows at a time (no full-size
-    temporary). ``precise`` computes in float64; otherwise float32 products with every square summed in
-    float64: the residual's entries carry ~1e-6 of ``|W|``, so the error is good to ~1e-5 of itself
-    when it is above 1e-2 (the Gram form ``||W||^2 - 2<.,.> + <.,.>`` would lose its square)."""
     dtype = torch.float64 if precise else torch.float32
     rank = first.shape[0]
     w = as_matrix(weight, geometry)
