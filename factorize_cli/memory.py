@@ -21,8 +21,10 @@ _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h); setting it also
 
 def release_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
     """Fix glibc's mmap threshold at ``threshold`` bytes for this process; False where that does not apply
-    (not Linux, no ``mallopt``) or the user chose a threshold (``MALLOC_MMAP_THRESHOLD_``)."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    (not Linux, a C library whose ``mallopt`` does nothing) or the user chose a threshold
+    (``MALLOC_MMAP_THRESHOLD_``, or ``glibc.malloc.mmap_threshold`` in ``GLIBC_TUNABLES``)."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ \
+            or "glibc.malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     import ctypes
 

@@ -108,6 +108,10 @@ def execute(checkpoint: Checkpoint, layout: list[Placed], work: LayerWork) -> It
     from factorize_cli.formats.base import prefetch
 
     workers, threads = split_cores(work)
+    # with two workers, one layer queued beyond those running: no core idles behind a slower front layer
+    # (one worker runs each layer on every core, and a layer still running when the caller abandons the
+    # output would outlive it)
+    queued = 1 if workers > 1 else 0
     reads = prefetch(checkpoint, _sources(layout, getattr(work, "reads_weights", True)))
     window: collections.deque = collections.deque()  # (placed, value) not yet yielded, in layout order
     last: list[Factors] = []  # the factors of the layer being yielded (its other factor follows)
@@ -130,7 +134,7 @@ def execute(checkpoint: Checkpoint, layout: list[Placed], work: LayerWork) -> It
     try:
         for item in _staged(layout, reads, pool, work):
             window.append(item)
-            while pending() > workers:  # one layer queued beyond those running: no core idles behind a slow one
+            while pending() >= workers + queued:
                 yield front()
         while window:
             yield front()

@@ -84,10 +84,15 @@ class Whitener:
 
     def begin_planning(self, names: Iterable[str]) -> None:
         """Planning will whiten these layers' spectra (apply then needs them once more if ``keep_for_apply``)."""
-        self._expect(names, 2 if self.keep_for_apply else 1)
+        with self._lock:
+            self._expect(names, 2 if self.keep_for_apply else 1)
 
     def begin_apply(self, names: Iterable[str]) -> None:
         """Apply will whiten exactly these layers: what planning kept for any other is dropped."""
+        with self._lock:
+            self._begin_apply(names)
+
+    def _begin_apply(self, names: Iterable[str]) -> None:
         self._due.clear()
         self._expect(names, 1)
         for canonical in [c for c in self._spilled if not self._due[c]]:
@@ -177,7 +182,7 @@ class Whitener:
 
         from factorize_cli.factorization import whitened_singular_values
 
-        got = self.pair(layer.name)
+        got = self.pair(layer.name, torch.float64)  # the spectrum is computed in float64
         if isinstance(got, str):
             return got
         try:
@@ -206,6 +211,10 @@ class Whitener:
             return f"the whitened SVD failed ({describe(e)})" + PLAIN
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         self._current = None
         if self._spill_dir is not None:
             shutil.rmtree(self._spill_dir, ignore_errors=True)
