@@ -22,7 +22,6 @@ module's training flag is restored afterwards.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
@@ -393,7 +392,7 @@ def _execute(plan: Plan, subject: Subject, config: FactorizeConfig, calibration:
                 return plain(layer, f"the whitened SVD failed ({describe(e)})" + PLAIN)
             outcome = done.outcome
             return _Done(outcome.factors.first, outcome.factors.second,
-                         _result(weight, layer, outcome, done.output_error, outcome.factors.stats.norm),
+                         _result(layer, outcome, done.output_error, outcome.factors.stats.norm),
                          Method.WHITENED)
 
         for members, moment, _ in calibration.one_shot(groups, swaps):
@@ -413,7 +412,7 @@ def _execute(plan: Plan, subject: Subject, config: FactorizeConfig, calibration:
         except (ValueError, torch.linalg.LinAlgError) as e:
             return plain(layer, f"the error-compensating closed form failed ({describe(e)})" + PLAIN)
         return _Done(done.outcome.factors.first, done.outcome.factors.second,
-                     _result(weight, layer, done.outcome, done.output_error, done.output_norm), Method.SEQUENTIAL)
+                     _result(layer, done.outcome, done.output_error, done.output_norm), Method.SEQUENTIAL)
 
     for members in groups:
         matrices = {n: as_matrix(weights[n], layers[n].geometry).to(torch.float64) for n in members.names}
@@ -434,15 +433,10 @@ class _Done:
     method: Method
 
 
-def _result(weight: torch.Tensor, layer: LayerPlan, outcome: Any, output_error: float | None,
-            output_norm: float | None) -> LayerResult:
-    from factorize_cli.factorization import sum_squares
-
+def _result(layer: LayerPlan, outcome: Any, output_error: float | None, output_norm: float | None) -> LayerResult:
     factors = outcome.factors
     full = len(factors.sigma) == layer.geometry.max_rank
-    norm = getattr(outcome, "norm", math.nan)
-    return LayerResult(outcome.achieved_error, factors.stats.energy_kept,
-                       norm if math.isfinite(norm) else math.sqrt(sum_squares(weight)), outcome.engine,
+    return LayerResult(outcome.achieved_error, factors.stats.energy_kept, outcome.norm, outcome.engine,
                        factors.sigma if full else None, output_error, output_norm)
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from factorize_cli.factorization import (Outcome, as_matrix, balance, factorize_checked, factors_error,
+from factorize_cli.factorization import (Outcome, as_matrix, balance, factorize_checked, measured,
                                          output_space, whitening)
 from factorize_cli.geometry import Geometry
 
@@ -78,7 +78,7 @@ def compensated_factors(weight: torch.Tensor, geometry: Geometry, rank: int, mom
     first = first.reshape(first_shape).to(device="cpu", dtype=weight.dtype).contiguous()
     second = second.reshape(second_shape).to(device="cpu", dtype=weight.dtype).contiguous()
     factors = replace(inner.factors, first=first, second=second)
-    achieved = factors_error(weight, first, second, geometry, device=device)
+    achieved, norm = measured(weight, first, second, geometry, device=device)
     output_error = output_norm = None
     if energy is not None:
         approx = second.to(device=device, dtype=torch.float64).reshape(geometry.out_features, rank) @ \
@@ -86,4 +86,4 @@ def compensated_factors(weight: torch.Tensor, geometry: Geometry, rank: int, mom
         residual = output_residual(w, approx, moment, cross, energy)
         output_norm = math.sqrt(max(energy, 0.0))
         output_error = math.sqrt(residual / energy) if energy > 0 else 0.0
-    return CompensatedOutcome(Outcome(factors, achieved, inner.engine), output_error, output_norm)
+    return CompensatedOutcome(Outcome(factors, achieved, inner.engine, norm), output_error, output_norm)

@@ -8,7 +8,6 @@ engine and device, with a per-layer seed, and the numbers the report needs.
 from __future__ import annotations
 
 import collections
-import math
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,7 +58,7 @@ class LayerWork:
 
     def factorize(self, layer: LayerPlan, weight: torch.Tensor) -> tuple[Outcome, LayerResult]:
         """The factors of one planned layer (whitened when calibrated) and what they achieved."""
-        from factorize_cli.factorization import all_finite, factorize_checked, sum_squares
+        from factorize_cli.factorization import all_finite, factorize_checked
 
         config, weight = self.config, weight.detach()
         if self.check_finite and not all_finite(weight):
@@ -77,8 +76,7 @@ class LayerWork:
         give_back()  # the layer's temporaries, before the next layer's read or math
         full = len(factors.sigma) == layer.geometry.max_rank
         return outcome, LayerResult(
-            outcome.achieved_error, factors.stats.energy_kept,
-            outcome.norm if math.isfinite(outcome.norm) else math.sqrt(sum_squares(weight)), outcome.engine,
+            outcome.achieved_error, factors.stats.energy_kept, outcome.norm, outcome.engine,
             factors.sigma if full else None, output_error,
             factors.stats.norm if output_error is not None else None, fallback)
 

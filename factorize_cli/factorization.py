@@ -222,13 +222,12 @@ def factors_error(weight: torch.Tensor, first: torch.Tensor, second: torch.Tenso
     temporary). ``precise`` computes in float64; otherwise float32 products with every square summed in
     float64: the residual's entries carry ~1e-6 of ``|W|``, so the error is good to ~1e-5 of itself
     when it is above 1e-2 (the Gram form ``||W||^2 - 2<.,.> + <.,.>`` would lose its square)."""
-    total, residual = _residual(weight, first, second, geometry, precise=precise, device=device, rows=rows)
-    return math.sqrt(residual / total) if total else 0.0
+    return measured(weight, first, second, geometry, precise=precise, device=device, rows=rows)[0]
 
 
-def _residual(weight: torch.Tensor, first: torch.Tensor, second: torch.Tensor, geometry: Geometry, *,
-              precise: bool, device: str, rows: int = 512) -> tuple[float, float]:
-    """``(||W||_F^2, ||W - second @ first||_F^2)`` as :func:`factors_error` measures them."""
+def measured(weight: torch.Tensor, first: torch.Tensor, second: torch.Tensor, geometry: Geometry, *,
+             precise: bool = True, device: str = "cpu", rows: int = 512) -> tuple[float, float]:
+    """``(relative error, ||W||_F)`` as :func:`factors_error` measures them, in one pass."""
     dtype = torch.float64 if precise else torch.float32
     rank = first.shape[0]
     w = as_matrix(weight, geometry)
@@ -240,7 +239,7 @@ def _residual(weight: torch.Tensor, first: torch.Tensor, second: torch.Tensor, g
         total += float(block.square().sum(dtype=torch.float64))
         block = torch.addmm(block, a[start:start + rows], b, alpha=-1)
         residual += float(block.square().sum(dtype=torch.float64))
-    return total, residual
+    return (math.sqrt(residual / total) if total else 0.0), math.sqrt(total)
 
 
 @dataclass(frozen=True)
@@ -250,7 +249,7 @@ class Outcome:
     factors: Factors
     achieved_error: float
     engine: str  # the engine that produced the factors (after any fallback)
-    norm: float = math.nan  # ||W||_F, from the same pass as achieved_error (NaN when not measured)
+    norm: float  # ||W||_F, from the same pass as achieved_error (NaN when not measured)
 
 
 AUTO_TOLERANCE = 1e-3  # auto keeps each layer within 0.1% (relative) of the optimal error
@@ -298,10 +297,10 @@ def factorize_checked(weight: torch.Tensor, geometry: Geometry, rank: int, *, en
             chosen = "exact"
             factors = low_rank_factors(weight, geometry, rank, engine="exact", device=device)
     if not measure:
-        return Outcome(factors, math.nan, chosen)
+        return Outcome(factors, math.nan, chosen, math.nan)
     precise = factors.stats.relative_error < PRECISE_BELOW or weight.dtype == torch.float64
-    total, residual = _residual(weight, factors.first, factors.second, geometry, precise=precise, device=device)
-    return Outcome(factors, math.sqrt(residual / total) if total else 0.0, chosen, math.sqrt(total))
+    achieved, norm = measured(weight, factors.first, factors.second, geometry, precise=precise, device=device)
+    return Outcome(factors, achieved, chosen, norm)
 
 
 def _near_optimal(factors: Factors, *, resolvable: float) -> bool:
@@ -414,7 +413,7 @@ def factorize_whitened(weight: torch.Tensor, geometry: Geometry, rank: int, root
     second = second.reshape(second_shape).to(device="cpu", dtype=weight.dtype).contiguous()
     factors = replace(inner.factors, first=first, second=second)
     precise = dtype == torch.float64 or inner.factors.stats.relative_error < PRECISE_BELOW
-    achieved = factors_error(weight, first, second, geometry, precise=precise, device=device)
+    achieved, norm = measured(weight, first, second, geometry, precise=precise, device=device)
     # (W - W') S = W S - A (B S), from the stored factors, without an out x fan_in float64 product
     a = second.reshape(geometry.out_features, rank).to(device=device, dtype=m.dtype)
     b = first.reshape(rank, geometry.fan_in).to(device=device, dtype=m.dtype)
@@ -422,4 +421,4 @@ def factorize_whitened(weight: torch.Tensor, geometry: Geometry, rank: int, root
     total = sum_squares(m)
     residual = sum_squares(torch.addmm(m, a, b_root, alpha=-1))
     output_error = math.sqrt(residual / total) if total else 0.0
-    return WhitenedOutcome(Outcome(factors, achieved, inner.engine), output_error)
+    return WhitenedOutcome(Outcome(factors, achieved, inner.engine, norm), output_error)

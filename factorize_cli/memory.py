@@ -12,47 +12,48 @@ would save more but spends 2.5x the system time on page faults).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+from typing import Any
 
 MMAP_THRESHOLD = 16 << 20
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h); setting it also turns the dynamic rise off
+
+
+@functools.cache
+def _libc(name: str, *argtypes: Any) -> Any:
+    """The C library's function ``name`` (integer result), or None where there is none (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        function = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = list(argtypes), ctypes.c_int
+    return function
 
 
 def release_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
     """Fix glibc's mmap threshold at ``threshold`` bytes for this process; False where that does not apply
     (not Linux, a C library whose ``mallopt`` does nothing) or the user chose a threshold
     (``MALLOC_MMAP_THRESHOLD_``, or ``glibc.malloc.mmap_threshold`` in ``GLIBC_TUNABLES``)."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ \
-            or "glibc.malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
-        return False
     import ctypes
 
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "glibc.malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
-
-
-_trim = None
+    mallopt = _libc("mallopt", ctypes.c_int, ctypes.c_int)
+    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, threshold))
 
 
 def give_back() -> None:
     """Return the free memory of every allocator arena to the system (glibc's ``malloc_trim``); a no-op
     elsewhere. Called after each layer: what a layer's temporaries below the mmap threshold left in the
     arenas would otherwise stay resident."""
-    global _trim
-    if _trim is None:
-        _trim = False
-        if sys.platform.startswith("linux"):
-            import ctypes
+    import ctypes
 
-            try:
-                _trim = ctypes.CDLL(None).malloc_trim
-                _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
-            except (OSError, AttributeError):
-                _trim = False
-    if _trim:
-        _trim(0)
+    trim = _libc("malloc_trim", ctypes.c_size_t)
+    if trim is not None:
+        trim(0)
